@@ -1,0 +1,3 @@
+"""nicd — neural image compression daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,325 @@
+"""Single-file codec commands: encode, decode, info, models, train, export, bench."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import InputError, NicdError
+from . import app
+from .output import JSON_OPTION, fail, print_json, stderr, stdout, table
+
+DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda")
+MODEL_OPTION = typer.Option("default", "--model", "-m", help="Model name, alias or .npz path (see `nicd models`).")
+
+
+def _outputs(inputs: List[Path], out: Optional[Path], out_dir: Optional[Path], suffix: str) -> list[Path]:
+    if (out is None) == (out_dir is None):
+        raise InputError("give exactly one of -o/--output (one input) or --out-dir", code="E_ARGS")
+    if out is not None:
+        if len(inputs) != 1:
+            raise InputError("-o/--output takes one input; use --out-dir for several", code="E_ARGS")
+        return [out]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [out_dir / (p.stem + suffix) for p in inputs]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    from ..fsutil import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
+
+
+@app.command()
+def encode(
+    inputs: List[Path] = typer.Argument(..., help="Images to encode (any format Pillow opens)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output .nicd file (one input)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Write DIR/<stem>.nicd for every input."),
+    quality: Optional[int] = typer.Option(None, "--quality", "-q", min=1, max=8, help="Quality level 1 (smallest) .. 8 (best); default 6."),
+    target_ssim: Optional[float] = typer.Option(None, "--target-ssim", help="Smallest bitstream whose SSIM reaches X."),
+    target_psnr: Optional[float] = typer.Option(None, "--target-psnr", help="Smallest bitstream whose PSNR reaches X dB."),
+    model: str = MODEL_OPTION,
+    device: str = DEVICE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Encode images to .nicd files; every file is decoded back and checked before it is written.
+
+    Example: nicd encode photo.png -o photo.nicd --quality 6
+    """
+    from ..codec.api import load_codec
+    from ..codec.imageio import load_image
+
+    try:
+        targets = _outputs(inputs, output, out_dir, ".nicd")
+        codec = load_codec(model, device)
+        prepared = [load_image(p) for p in inputs]
+        results = codec.encode_batch(prepared, quality=quality, target_ssim=target_ssim, target_psnr=target_psnr)
+    except NicdError as err:
+        fail(err, as_json=as_json)
+    rows, failed = [], None
+    for src, dst, res in zip(inputs, targets, results):
+        if isinstance(res, NicdError):
+            failed = failed or (res, str(src))
+            rows.append({"input": str(src), "error": res.to_dict()})
+            continue
+        try:
+            _write_atomic(dst, res.data)
+        except OSError as exc:
+            failed = failed or (exc, str(dst))
+            continue
+        rows.append({"input": str(src), "output": str(dst), **res.to_dict()})
+    if as_json:
+        print_json(rows if len(rows) != 1 else rows[0])
+    else:
+        ok = [r for r in rows if "error" not in r]
+        if ok:
+            stdout.print(table(None, ["input", "output", "q", "bytes", "bpp", "PSNR", "SSIM", "MS-SSIM"], [
+                (r["input"], r["output"], r["quality"], r["bytes"], f"{r['bpp']:.3f}", f"{r['psnr']:.2f}",
+                 f"{r['ssim']:.4f}", "-" if r["ms_ssim"] is None else f"{r['ms_ssim']:.4f}") for r in ok]))
+    if failed:
+        fail(failed[0], path=failed[1], as_json=False)
+
+
+@app.command()
+def decode(
+    inputs: List[Path] = typer.Argument(..., help=".nicd files to decode."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Output image (one input); format from the extension."),
+    out_dir: Optional[Path] = typer.Option(None, "--out-dir", help="Write DIR/<stem>.png for every input."),
+    device: str = DEVICE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Decode .nicd files to images in their original size and mode (ICC/EXIF restored).
+
+    Example: nicd decode photo.nicd -o photo.png
+    """
+    from ..codec.api import decoder_for
+    from ..codec.imageio import save_image
+
+    try:
+        targets = _outputs(inputs, output, out_dir, ".png")
+        rows = []
+        for src, dst in zip(inputs, targets):
+            data = _read_input(src)
+            image = decoder_for(data, device).decode(data)
+            save_image(image, dst)
+            rows.append({"input": str(src), "output": str(dst), "width": image.width, "height": image.height, "mode": image.mode})
+    except NicdError as err:
+        fail(err, path=getattr(err, "path", None) or (str(src) if "src" in locals() else None), as_json=as_json)
+    if as_json:
+        print_json(rows if len(rows) != 1 else rows[0])
+    else:
+        stdout.print(table(None, ["input", "output", "size", "mode"],
+                           [(r["input"], r["output"], f"{r['width']}×{r['height']}", r["mode"]) for r in rows]))
+
+
+def _read_input(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InputError("no such file", code="E_NOT_FOUND", path=str(path)) from None
+    except IsADirectoryError:
+        raise InputError("is a directory", code="E_NOT_REGULAR_FILE", path=str(path)) from None
+    except PermissionError:
+        raise InputError("permission denied", code="E_PERMISSION", path=str(path)) from None
+
+
+@app.command()
+def info(file: Path = typer.Argument(..., help="A .nicd file."), as_json: bool = JSON_OPTION) -> None:
+    """Show what a .nicd header says: model, quality, size, bpp, and whether the checksums hold.
+
+    Example: nicd info photo.nicd --json
+    """
+    from ..codec import container
+
+    try:
+        data = _read_input(file)
+        c = container.parse(data)
+    except NicdError as err:
+        fail(err, path=str(file), as_json=as_json)
+    payload = {
+        "file": str(file),
+        "format_version": container.FORMAT_VERSION,
+        "model_id": c.model_id,
+        "model_hash": c.model_hash.hex(),
+        "quality": c.quality,
+        "width": c.width,
+        "height": c.height,
+        "mode": c.mode,
+        "bytes": len(data),
+        "bpp": 8 * len(data) / (c.width * c.height),
+        "tiles": len(c.tiles),
+        "tile_size": c.tile_size,
+        "metadata": {name: len(value) for name, value in c.metadata},
+        "checksum_ok": True,
+    }
+    if as_json:
+        print_json(payload)
+    else:
+        stdout.print(table(str(file), ["field", "value"], [(k, v) for k, v in payload.items() if k != "file"]))
+
+
+@app.command()
+def models(as_json: bool = JSON_OPTION) -> None:
+    """List the shipped models with their measured rate–distortion figures.
+
+    Example: nicd models --json
+    """
+    from ..codec import registry
+
+    names = registry.aliases()
+    rows = []
+    for model_id in registry.list_models():
+        card_path = registry.models_dir() / f"{model_id}.json"
+        card = json.loads(card_path.read_text()) if card_path.exists() else {}
+        rows.append({
+            "model_id": model_id,
+            "aliases": sorted(a for a, m in names.items() if m == model_id),
+            "architecture": card.get("architecture"),
+            "training": card.get("training"),
+            "kodak": card.get("kodak"),
+        })
+    if as_json:
+        print_json(rows)
+        return
+    stdout.print(table("shipped models", ["model", "aliases", "arch", "steps", "Kodak bpp:PSNR per quality"], [
+        (r["model_id"], ",".join(r["aliases"]),
+         (r["architecture"] or {}).get("kind", "?") + f" {(r['architecture'] or {}).get('n')}/{(r['architecture'] or {}).get('m')}",
+         (r["training"] or {}).get("steps"),
+         " ".join(f"{p['bpp']:.2f}:{p['psnr']:.1f}" for p in (r["kodak"] or {}).get("curve", [])))
+        for r in rows]))
+
+
+@app.command()
+def train(
+    run_dir: Path = typer.Option(Path("runs/msh-96-144-mse"), "--run-dir", help="Run folder: checkpoint.pt and curve.csv live here; an existing run is resumed."),
+    data: Path = typer.Option(Path("../shared/data/train"), "--data", help="Training images: a folder or a pack (.npz)."),
+    val: Optional[Path] = typer.Option(Path("../shared/data/val"), "--val", help="Validation images (folder or pack)."),
+    kind: str = typer.Option("mean-scale", "--kind", help="mean-scale | factorized"),
+    n: int = typer.Option(96, "--n", help="Channels of the transforms (N)."),
+    m: int = typer.Option(144, "--m", help="Latent channels (M)."),
+    metric: str = typer.Option("mse", "--metric", help="mse | ms-ssim"),
+    patch: int = typer.Option(128, "--patch"),
+    batch: int = typer.Option(8, "--batch"),
+    steps: int = typer.Option(1_000_000, "--steps"),
+    lr: float = typer.Option(1e-4, "--lr"),
+    threads: int = typer.Option(1, "--threads", help="CPU threads (keep one core for other work)."),
+    device: str = typer.Option("cpu", "--device"),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes"),
+    checkpoint_minutes: float = typer.Option(5.0, "--checkpoint-minutes"),
+    validate_every: int = typer.Option(500, "--validate-every"),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start a new run from a shipped model's weights."),
+    seed: int = typer.Option(0, "--seed"),
+    pack: Optional[Path] = typer.Option(None, "--pack", help="Instead of training, write a compact (≤50 MB) training pack of --data to this .npz."),
+) -> None:
+    """Train (or resume) a model; checkpoints every few minutes and on SIGTERM; CSV learning curve.
+
+    Example: nicd train --run-dir runs/msh-96-144-mse --threads 1
+    """
+    from ..train.data import pack_folder
+    from ..train.loop import Trainer, TrainOptions
+
+    try:
+        if pack is not None:
+            print_json(pack_folder(data, pack))
+            return
+        opts = TrainOptions(run_dir=run_dir, train_data=data, val_data=val, kind=kind, n=n, m=m, metric=metric,
+                            patch=patch, batch=batch, steps=steps, lr=lr, threads=threads, device=device, seed=seed,
+                            max_seconds=max_minutes * 60 if max_minutes else None,
+                            checkpoint_minutes=checkpoint_minutes, validate_every=validate_every)
+        trainer = Trainer(opts)
+        if init_from and trainer.step == 0:
+            from ..codec import registry
+
+            config, arrays = registry._read(registry.resolve(init_from))
+            trainer.model.load_state_dict(registry.model_from_arrays(config, arrays).state_dict())
+    except NicdError as err:
+        fail(err)
+    interactive = stderr.is_terminal
+
+    def progress(p: dict) -> None:
+        if p.get("validation"):
+            stderr.print(json.dumps(p["validation"]), markup=False)
+        elif interactive and p["step"] % 50 == 0:
+            stderr.print(f"step {p['step']}  loss {p['loss']:.3f}  bpp {p['bpp']:.3f}", markup=False)
+
+    summary = trainer.run(on_progress=progress)
+    print_json(summary)
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Option(..., "--run-dir", help="Training run to export."),
+    name: str = typer.Option(..., "--name", help="Model name; the file becomes models/<name>-<sha8>.npz."),
+    alias: Optional[str] = typer.Option(None, "--alias", help="Point this alias (e.g. default) at the export."),
+    models_dir: Optional[Path] = typer.Option(None, "--models-dir"),
+) -> None:
+    """Freeze a checkpoint into a shipped model (float16 weights, integer tables, card).
+
+    Example: nicd export --run-dir runs/msh-96-144-mse --name msh-96-144-mse --alias default
+    """
+    from ..codec import registry
+    from ..train.export import export_checkpoint
+
+    info = export_checkpoint(run_dir / "checkpoint.pt", name, models_dir or registry.models_dir(), alias=alias)
+    print_json({"model_id": info.model_id, "path": str(info.path), "sha256": info.sha256})
+
+
+@app.command()
+def bench(
+    images: Path = typer.Option(Path("../shared/data/kodak"), "--images", help="Folder of test images (Kodak by default)."),
+    qualities: str = typer.Option("1,2,3,4,5,6,7,8", "--qualities", help="nicd quality levels, comma separated."),
+    codecs: str = typer.Option("jpeg,webp,avif", "--codecs", help="Baselines measured in the same run."),
+    model: str = MODEL_OPTION,
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
+    out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for bench.csv, summary.json and rd.png."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Rate–distortion benchmark against JPEG, WebP and AVIF, with BD-rates, bytes to SSIM 0.97, speed.
+
+    Example: nicd bench --images ../shared/data/kodak --out bench-out
+    """
+    import numpy as np
+    from PIL import Image
+    from rich.progress import Progress
+
+    from .. import bench as bench_lib
+    from ..codec.api import load_codec
+    from ..train.data import image_files
+
+    try:
+        files = image_files(images)[:limit]
+        codec = load_codec(model, "cpu")
+        qs = [int(q) for q in qualities.split(",") if q]
+        baseline = [c for c in codecs.split(",") if c]
+    except (NicdError, ValueError) as err:
+        fail(err)
+    loaded = []
+    for f in files:
+        with Image.open(f) as im:
+            loaded.append((f.name, np.asarray(im.convert("RGB"))))
+    out.mkdir(parents=True, exist_ok=True)
+    with Progress(console=stderr, transient=True) as progress:
+        task = progress.add_task("bench", total=len(loaded) * (len(qs) + sum(len(bench_lib.BASELINE_QUALITIES[c]) for c in baseline)))
+        rows = bench_lib.run(loaded, codec, qs, baseline, on_row=lambda r: progress.advance(task))
+    bench_lib.write_csv(rows, out / "bench.csv")
+    summary = bench_lib.summary(rows)
+    summary.update({"model_id": codec.model_id, "images": str(images), "count": len(loaded)})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    bench_lib.plot(rows, out / "rd.png", title=images.name)
+    if as_json:
+        print_json(summary)
+        return
+    def pct(v):
+        return "-" if v is None else f"{100 * v:+.1f} %"
+    stdout.print(table(f"{images.name}: {len(loaded)} images, model {codec.model_id}",
+                       ["codec", "bpp:PSNR curve", "BD-rate vs JPEG", "vs AVIF", "bytes to SSIM≥0.97", "enc MP/s", "dec MP/s"],
+                       [(c, " ".join(f"{p['bpp']:.2f}:{p['psnr']:.1f}" for p in s["curve"]), pct(s["bd_rate_vs_jpeg"]),
+                         pct(s["bd_rate_vs_avif"]),
+                         f"{s['bytes_to_ssim_0.97']:,}" + (f" ({s['images_never_reaching_ssim_0.97']} never)" if s["images_never_reaching_ssim_0.97"] else ""),
+                         f"{s['encode_mpix_per_s']:.2f}", f"{s['decode_mpix_per_s']:.2f}")
+                        for c, s in summary["codecs"].items()]))
+    stdout.print(f"wrote {out / 'bench.csv'}, {out / 'summary.json'}, {out / 'rd.png'}")

@@ -1,0 +1,174 @@
+"""A trained model frozen for coding: float transforms plus the integer tables and integer `h_s`.
+
+Encoding runs the analysis transforms in float64 so that the rounding of `y` and `z` does not depend
+on thread count, batch size or memory layout (float32 differs by ~1e-7 between those, which flips
+a few symbols per image; float64 makes a flip a ~1e-9-per-image event). What the decoder needs to
+select probability tables is computed exactly (integer `h_s`, integer tables). Synthesis stays
+float32: its differences only move pixels slightly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import VerificationError
+from . import entropy
+from .density import gaussian_likelihood
+from .intnet import ACT_FRACTION, IntegerHyperSynthesis
+from .models import CodecModel, FactorizedPrior, MeanScaleHyperprior
+from .tables import TableSet, factorized_tables, gaussian_tables, scale_table
+
+Z_LIMIT = 1 << 15  # |z| clip: keeps the integer network inside its proven exact range
+Y_LIMIT = 1 << 24
+DENSITY_GRID = 1024
+
+
+@dataclass
+class CodedLatents:
+    streams: tuple[bytes, bytes]  # (range-coded words, escape varints)
+    symbol_crc: int
+    estimated_bits: float  # −Σ log2 of the model's likelihoods of the coded symbols
+    y_hat: np.ndarray  # (M, h, w) float64, what the decoder will reconstruct
+
+
+def symbol_crc(*arrays: np.ndarray) -> int:
+    crc = 0
+    for a in arrays:
+        crc = zlib.crc32(np.ascontiguousarray(a, dtype="<i4").tobytes(), crc)
+    return crc
+
+
+class FrozenModel:
+    def __init__(self, model: CodecModel, arrays: dict):
+        self.model = model.eval()
+        # float64 copies of everything that decides a symbol on the encoder side
+        self.g_a64 = copy.deepcopy(model.g_a).double()
+        self.h_a64 = copy.deepcopy(model.h_a).double() if hasattr(model, "h_a") else None
+        density = model.density_z if hasattr(model, "density_z") else model.density_y
+        self.density64 = copy.deepcopy(density).double()
+        self.kind = model.kind
+        self.stride = model.stride
+        self.m = model.m
+        self.n = model.n
+        if isinstance(model, MeanScaleHyperprior):
+            self.z_tables = TableSet.from_arrays(arrays, "z")
+            self.y_tables = TableSet.from_arrays(arrays, "y")
+            self.int_h_s = IntegerHyperSynthesis.from_state(arrays)
+            self.z_models = entropy.TableModels(self.z_tables)
+        else:
+            self.y_tables = TableSet.from_arrays(arrays, "y")
+        self.y_models = entropy.TableModels(self.y_tables)
+        with torch.no_grad():
+            self.gain = torch.exp(model.gain.log_gain.double()).numpy()
+        self.scales = scale_table()
+
+    # -- freezing ------------------------------------------------------------------------------
+    @staticmethod
+    @torch.no_grad()
+    def build_arrays(model: CodecModel) -> dict[str, np.ndarray]:
+        """Integer tables (and integer h_s) for a trained model, as stored in its weights file."""
+        arrays: dict[str, np.ndarray] = {}
+        if isinstance(model, MeanScaleHyperprior):
+            grid = model.density_z.pmf_on_grid(-DENSITY_GRID, DENSITY_GRID)
+            arrays.update(factorized_tables(grid, -DENSITY_GRID).to_arrays("z"))
+            arrays.update(gaussian_tables().to_arrays("y"))
+            arrays.update(IntegerHyperSynthesis.from_float(model.h_s).state())
+        else:
+            grid = model.density_y.pmf_on_grid(-DENSITY_GRID, DENSITY_GRID)
+            arrays.update(factorized_tables(grid, -DENSITY_GRID).to_arrays("y"))
+        return {k: (v.astype(np.int32) if k.endswith(".counts") else v) for k, v in arrays.items()}
+
+    # -- transforms ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def analyse(self, x: torch.Tensor) -> np.ndarray:
+        """x: (B, 3, H, W) in [0, 1], H and W multiples of `stride` → y before gain, float64 numpy."""
+        g_a = self.g_a64.to(x.device)
+        return g_a(x.to(torch.float64)).cpu().numpy()
+
+    @torch.no_grad()
+    def synthesize(self, y_hat: np.ndarray, qualities: list[int], device: torch.device) -> torch.Tensor:
+        """y_hat: (B, M, h, w) → reconstruction (B, 3, H, W) float32 in [0, 1] on the CPU."""
+        g_s = self.model.g_s.to(device)
+        inv = torch.exp(self.model.gain.log_inv_gain[[q - 1 for q in qualities]].to(device)).float()
+        y = torch.from_numpy(y_hat).float().to(device) * inv[:, :, None, None]
+        return g_s(y).clamp_(0, 1).cpu()
+
+    # -- entropy coding ------------------------------------------------------------------------
+    def code(self, y_base: np.ndarray, quality: int) -> CodedLatents:
+        y = y_base * self.gain[quality - 1][:, None, None]
+        if self.kind == MeanScaleHyperprior.kind:
+            return self._code_hyper(y)
+        return self._code_factorized(y)
+
+    def decode(self, streams: tuple[bytes, ...], latent_hw: tuple[int, int], quality: int, crc: int) -> np.ndarray:
+        if len(streams) != 2:
+            raise VerificationError("a tile must hold 2 streams", code="E_FORMAT_STREAM")
+        decoder = entropy.new_decoder(streams[0])
+        escapes = entropy.EscapeReader(streams[1])
+        h, w = latent_hw
+        if self.kind == MeanScaleHyperprior.kind:
+            zh, zw = h // 4, w // 4
+            z_ids = np.repeat(np.arange(self.n), zh * zw)
+            z_int = entropy.decode_grouped(decoder, z_ids, self.z_models, escapes).reshape(1, self.n, zh, zw)
+            idx, mean_fp = self.int_h_s(np.clip(z_int, -Z_LIMIT, Z_LIMIT))
+            sym = entropy.decode_grouped(decoder, idx.ravel(), self.y_models, escapes).reshape(self.m, h, w)
+            checks = (z_int, sym)
+            y_hat = sym + mean_fp[0] / float(1 << ACT_FRACTION)
+        else:
+            ids = np.repeat(np.arange(self.m), h * w)
+            sym = entropy.decode_grouped(decoder, ids, self.y_models, escapes).reshape(self.m, h, w)
+            checks = (sym,)
+            y_hat = sym.astype(np.float64)
+        if symbol_crc(*checks) != crc:
+            raise VerificationError(
+                "decoded symbols do not match the encoder's checksum (corrupt stream or model tables that differ)",
+                code="E_VERIFY_SYMBOLS",
+            )
+        if escapes.pos != len(escapes.data):
+            raise VerificationError("escape stream has trailing bytes", code="E_VERIFY_SYMBOLS")
+        return y_hat
+
+    def _code_hyper(self, y: np.ndarray) -> CodedLatents:
+        with torch.no_grad():
+            z = self.h_a64(torch.from_numpy(y)[None]).numpy()[0]
+        z_int = np.clip(np.round(z), -Z_LIMIT, Z_LIMIT).astype(np.int64)
+        idx, mean_fp = self.int_h_s(z_int[None])
+        idx, mean_fp = idx[0], mean_fp[0]
+        mean = mean_fp / float(1 << ACT_FRACTION)
+        sym = np.clip(np.round(y - mean), -Y_LIMIT, Y_LIMIT).astype(np.int64)
+        encoder = entropy.new_encoder()
+        escaped = [
+            entropy.encode_grouped(encoder, z_int.ravel(), np.repeat(np.arange(self.n), z_int[0].size), self.z_models),
+            entropy.encode_grouped(encoder, sym.ravel(), idx.ravel(), self.y_models),
+        ]
+        streams = entropy.finish(encoder, escaped)
+        y_hat = sym + mean
+        with torch.no_grad():
+            lz = self.density64.likelihood(torch.from_numpy(z_int[None]).double())
+            ly = gaussian_likelihood(
+                torch.from_numpy(y_hat), torch.from_numpy(mean), torch.from_numpy(self.scales[idx])
+            )
+        bits = float(-torch.log2(lz).sum() - torch.log2(ly).sum())
+        return CodedLatents(streams, symbol_crc(z_int, sym), bits, y_hat)
+
+    def _code_factorized(self, y: np.ndarray) -> CodedLatents:
+        sym = np.clip(np.round(y), -Y_LIMIT, Y_LIMIT).astype(np.int64)
+        encoder = entropy.new_encoder()
+        escaped = [entropy.encode_grouped(encoder, sym.ravel(), np.repeat(np.arange(self.m), sym[0].size), self.y_models)]
+        streams = entropy.finish(encoder, escaped)
+        with torch.no_grad():
+            ly = self.density64.likelihood(torch.from_numpy(sym[None]).double())
+        return CodedLatents(streams, symbol_crc(sym), float(-torch.log2(ly).sum()), sym.astype(np.float64))
+
+
+def latent_shape(height: int, width: int, stride: int) -> tuple[int, int]:
+    """Latent (h, w) of a tile of height×width pixels padded up to a multiple of `stride`."""
+    ph = math.ceil(height / stride) * stride
+    pw = math.ceil(width / stride) * stride
+    return ph // 16, pw // 16

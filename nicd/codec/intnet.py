@@ -1,0 +1,155 @@
+"""An integer-exact hyper-synthesis `h_s` (Ballé, Johnston, Minnen, "Integer networks for data
+compression with latent-variable models", ICLR 2019).
+
+The trained float `h_s` is converted once, at export, into integer weights and biases with a
+power-of-two rescale after every layer and clipped ReLUs. At coding time it runs on integer-valued
+float64 tensors: every product and partial sum is an integer below 2**53, so the result is exact
+whatever the summation order, thread count, memory layout, BLAS or device. Its outputs select the
+probability tables of `y`, so encoder and decoder agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .tables import scale_table
+
+WEIGHT_BITS = 15  # |w_int| < 2**WEIGHT_BITS
+ACT_FRACTION = 8  # activations are fixed point with 8 fractional bits
+ACT_LIMIT = float(1 << 23)  # clip of every activation, keeps sums below 2**53
+EXACT_LIMIT = float(1 << 53)
+
+
+@dataclass
+class IntLayer:
+    transposed: bool
+    weight: torch.Tensor  # float64 holding integers
+    bias: torch.Tensor  # float64 holding integers, in accumulator units
+    shift: int  # accumulator → output fixed point: divide by 2**shift with rounding
+    stride: int
+    padding: int
+    output_padding: int
+    relu: bool
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transposed:
+            acc = F.conv_transpose2d(x, self.weight, None, self.stride, self.padding, self.output_padding)
+        else:
+            acc = F.conv2d(x, self.weight, None, self.stride, self.padding)
+        acc = acc + self.bias.reshape(1, -1, 1, 1)
+        out = torch.floor((acc + float(1 << (self.shift - 1))) / float(1 << self.shift))
+        return out.clamp(0.0 if self.relu else -ACT_LIMIT, ACT_LIMIT)
+
+
+class IntegerHyperSynthesis:
+    """Maps integer z (N, C, h, w) to (scale index, mean in 1/2**ACT_FRACTION units), both int64."""
+
+    # indices of the conv layers inside the float nn.Sequential h_s (ReLUs in between)
+    conv_positions = (0, 2, 4)
+
+    def __init__(self, layers: list[IntLayer]):
+        self.layers = layers
+        self.scale_thresholds = np.round(scale_table() * (1 << ACT_FRACTION)).astype(np.int64)
+
+    @classmethod
+    def from_float(cls, h_s: nn.Sequential) -> "IntegerHyperSynthesis":
+        modules = list(h_s)
+        layers: list[IntLayer] = []
+        frac_in = 0  # z is an integer
+        for i, mod in enumerate(modules):
+            if not isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
+                continue
+            relu = i + 1 < len(modules) and isinstance(modules[i + 1], nn.ReLU)
+            w = mod.weight.detach().double()
+            b = mod.bias.detach().double()
+            wbits = int(np.floor(np.log2(((1 << WEIGHT_BITS) - 1) / max(float(w.abs().max()), 1e-12))))
+            shift = frac_in + wbits - ACT_FRACTION
+            if shift < 1:
+                raise ValueError("h_s weights too large for the integer conversion")
+            w_int = torch.round(w * 2.0**wbits)
+            b_int = torch.round(b * 2.0 ** (frac_in + wbits))
+            layer = IntLayer(
+                transposed=isinstance(mod, nn.ConvTranspose2d),
+                weight=w_int,
+                bias=b_int,
+                shift=shift,
+                stride=mod.stride[0],
+                padding=mod.padding[0],
+                output_padding=mod.output_padding[0] if isinstance(mod, nn.ConvTranspose2d) else 0,
+                relu=relu,
+            )
+            layers.append(layer)
+            frac_in = ACT_FRACTION
+        net = cls(layers)
+        net.check_bounds()
+        return net
+
+    def check_bounds(self, z_limit: float = 2.0**15) -> None:
+        """Prove that no accumulator can reach 2**53 for |z| ≤ z_limit (escaped z is clipped to it)."""
+        limit = z_limit
+        for layer in self.layers:
+            dims = (1, 2, 3) if not layer.transposed else (0, 2, 3)
+            per_output = layer.weight.abs().sum(dim=dims)
+            worst = float((per_output * limit + layer.bias.abs()).max())
+            if worst >= EXACT_LIMIT:
+                raise ValueError(f"integer h_s could overflow exact float64 range ({worst:.3g})")
+            limit = ACT_LIMIT
+
+    def float_state(self, prefix: str = "h_s") -> dict[str, torch.Tensor]:
+        """The float h_s these integer layers stand for (w_int / 2**wbits): lets a shipped model,
+        which stores only the integer network, be trained further."""
+        out, frac_in, conv_positions = {}, 0, self.conv_positions
+        for layer, pos in zip(self.layers, conv_positions):
+            wbits = layer.shift - frac_in + ACT_FRACTION
+            out[f"{prefix}.{pos}.weight"] = (layer.weight / 2.0**wbits).float()
+            out[f"{prefix}.{pos}.bias"] = (layer.bias / 2.0 ** (frac_in + wbits)).float()
+            frac_in = ACT_FRACTION
+        return out
+
+    def state(self) -> dict[str, np.ndarray]:
+        out = {}
+        for i, layer in enumerate(self.layers):
+            out[f"int_h_s.{i}.weight"] = layer.weight.numpy().astype(np.int16)
+            out[f"int_h_s.{i}.bias"] = layer.bias.numpy().astype(np.int64)
+            out[f"int_h_s.{i}.meta"] = np.array(
+                [int(layer.transposed), layer.shift, layer.stride, layer.padding, layer.output_padding, int(layer.relu)],
+                dtype=np.int64,
+            )
+        return out
+
+    @classmethod
+    def from_state(cls, arrays: dict) -> "IntegerHyperSynthesis":
+        layers = []
+        i = 0
+        while f"int_h_s.{i}.meta" in arrays:
+            t, shift, stride, padding, outpad, relu = (int(v) for v in arrays[f"int_h_s.{i}.meta"])
+            layers.append(
+                IntLayer(
+                    transposed=bool(t),
+                    weight=torch.from_numpy(np.asarray(arrays[f"int_h_s.{i}.weight"]).astype(np.float64)),
+                    bias=torch.from_numpy(np.asarray(arrays[f"int_h_s.{i}.bias"]).astype(np.float64)),
+                    shift=shift,
+                    stride=stride,
+                    padding=padding,
+                    output_padding=outpad,
+                    relu=bool(relu),
+                )
+            )
+            i += 1
+        return cls(layers)
+
+    @torch.no_grad()
+    def __call__(self, z_int: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(z_int, dtype=np.float64))
+        for layer in self.layers:
+            x = layer(x)
+        out = x.numpy().astype(np.int64)
+        c = out.shape[1] // 2
+        scales_fp, means_fp = out[:, :c], out[:, c:]
+        index = np.searchsorted(self.scale_thresholds, scales_fp, side="left")
+        return np.minimum(index, len(self.scale_thresholds) - 1), means_fp

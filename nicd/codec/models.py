@@ -1,0 +1,144 @@
+"""The learned transforms and their training-time forward pass.
+
+- `FactorizedPrior`: Ballé, Minnen, Singh, Hwang, Johnston, "Variational image compression with a
+  scale hyperprior" (ICLR 2018), the factorized-prior baseline ("bmshj2018-factorized").
+- `MeanScaleHyperprior`: Minnen, Ballé, Toderici, "Joint autoregressive and hierarchical priors for
+  learned image compression" (NeurIPS 2018), without the autoregressive context ("mbt2018-mean").
+  `h_s` uses ReLU so that it can be turned into an integer network (Ballé, Johnston, Minnen,
+  "Integer networks for data compression with latent-variable models", ICLR 2019).
+
+Both are variable-rate through gain units (Cui et al., "Asymmetric gained deep image compression
+with continuous rate adaptation", CVPR 2021): quality level q scales the latent by a learned
+per-channel gain before quantization and undoes it before synthesis, so one set of transforms covers
+every rate point.
+
+Contract shared by every model: `forward(x, q)` for training returns the reconstruction and the
+likelihoods; `compress` / `decompress` (in `coder.py`) work on frozen integer tables.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .density import FactorizedDensity, gaussian_likelihood
+from .layers import GDN, conv, deconv
+
+# Rate-distortion trade-off per quality level (1 = lowest). The MSE values are CompressAI's
+# bmshj2018/mbt2018 lambdas, which land near 0.15 bpp at q1 and 2 bpp at q8 on Kodak.
+LAMBDAS_MSE = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
+LAMBDAS_MSSSIM = (2.40, 4.58, 8.73, 16.64, 31.73, 60.50, 115.37, 220.00)
+QUALITIES = len(LAMBDAS_MSE)
+
+
+def quantize_ste(x: torch.Tensor) -> torch.Tensor:
+    """Rounding with a straight-through gradient (Minnen & Singh 2020, 'mixed' quantization)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def add_noise(x: torch.Tensor, training: bool = True) -> torch.Tensor:
+    """Uniform noise as the differentiable proxy of rounding (Ballé 2017); rounding in eval mode."""
+    if not training:
+        return torch.round(x)
+    return x + torch.empty_like(x).uniform_(-0.5, 0.5)
+
+
+def analysis(n: int, m: int) -> nn.Sequential:
+    return nn.Sequential(conv(3, n), GDN(n), conv(n, n), GDN(n), conv(n, n), GDN(n), conv(n, m))
+
+
+def synthesis(n: int, m: int) -> nn.Sequential:
+    return nn.Sequential(
+        deconv(m, n), GDN(n, inverse=True), deconv(n, n), GDN(n, inverse=True),
+        deconv(n, n), GDN(n, inverse=True), deconv(n, 3),
+    )
+
+
+class GainUnits(nn.Module):
+    """Per-quality, per-channel positive gains (stored as logs) and their inverses."""
+
+    def __init__(self, channels: int, qualities: int = QUALITIES):
+        super().__init__()
+        # Spread the initial gains so that higher quality starts with finer quantization.
+        init = torch.linspace(-1.0, 1.5, qualities).reshape(qualities, 1).repeat(1, channels)
+        self.log_gain = nn.Parameter(init.clone())
+        self.log_inv_gain = nn.Parameter(-init.clone())
+
+    def gain(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.log_gain[q])[:, :, None, None]
+
+    def inverse(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.log_inv_gain[q])[:, :, None, None]
+
+
+class CodecModel(nn.Module):
+    """Common parts: padding stride and the architecture description saved with the weights."""
+
+    stride = 64
+    kind = ""
+
+    def __init__(self, n: int, m: int):
+        super().__init__()
+        self.n, self.m = n, m
+
+    def config(self) -> dict:
+        return {"kind": self.kind, "n": self.n, "m": self.m}
+
+
+class FactorizedPrior(CodecModel):
+    kind = "factorized"
+    stride = 16
+
+    def __init__(self, n: int = 128, m: int = 192):
+        super().__init__(n, m)
+        self.g_a = analysis(n, m)
+        self.g_s = synthesis(n, m)
+        self.gain = GainUnits(m)
+        self.density_y = FactorizedDensity(m)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor) -> dict:
+        y = self.g_a(x) * self.gain.gain(q)
+        y_hat = quantize_ste(y)
+        x_hat = self.g_s(y_hat * self.gain.inverse(q))
+        return {"x_hat": x_hat, "likelihoods": {"y": self.density_y.likelihood(add_noise(y, self.training))}}
+
+
+class MeanScaleHyperprior(CodecModel):
+    kind = "mean-scale"
+
+    def __init__(self, n: int = 128, m: int = 192):
+        super().__init__(n, m)
+        self.g_a = analysis(n, m)
+        self.g_s = synthesis(n, m)
+        self.h_a = nn.Sequential(
+            conv(m, n, 3, 1), nn.LeakyReLU(inplace=True), conv(n, n), nn.LeakyReLU(inplace=True), conv(n, n)
+        )
+        self.h_s = nn.Sequential(
+            deconv(n, m), nn.ReLU(inplace=True), deconv(m, m * 3 // 2), nn.ReLU(inplace=True),
+            conv(m * 3 // 2, m * 2, 3, 1),
+        )
+        self.gain = GainUnits(m)
+        self.density_z = FactorizedDensity(n)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor) -> dict:
+        y = self.g_a(x) * self.gain.gain(q)
+        z = self.h_a(y)
+        z_noisy = add_noise(z, self.training)
+        # h_s sees the rounded z at inference; the straight-through rounding trains it on that.
+        scales, means = self.h_s(quantize_ste(z)).chunk(2, 1)
+        y_hat = quantize_ste(y - means) + means
+        x_hat = self.g_s(y_hat * self.gain.inverse(q))
+        return {
+            "x_hat": x_hat,
+            "likelihoods": {
+                "y": gaussian_likelihood(add_noise(y - means, self.training) + means, means, scales),
+                "z": self.density_z.likelihood(z_noisy),
+            },
+        }
+
+
+MODEL_KINDS = {cls.kind: cls for cls in (FactorizedPrior, MeanScaleHyperprior)}
+
+
+def build_model(config: dict) -> CodecModel:
+    return MODEL_KINDS[config["kind"]](n=config["n"], m=config["m"])

@@ -1,0 +1,159 @@
+"""Named models and their weight files.
+
+A weights file is an `.npz` (no pickle) holding the float transforms in float16, the frozen integer
+tables and the integer `h_s`, and a JSON config. Its name ends with the first 8 hex digits of the
+SHA-256 of its bytes (as CompressAI names its weights) and every load checks that hash; the full hash
+is written into each bitstream so a file is never decoded with other tables.
+
+`models/aliases.json` maps short names ("default", "ms-ssim") to model ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ModelError
+from .frozen import FrozenModel
+from .intnet import IntegerHyperSynthesis
+from .models import CodecModel, build_model
+
+
+def models_dir() -> Path:
+    """$NICD_MODELS_DIR, else the repository's `models/`, else the installed `share/nicd/models`."""
+    env = os.environ.get("NICD_MODELS_DIR")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[2] / "models"
+    if repo.is_dir():
+        return repo
+    return Path(sys.prefix) / "share" / "nicd" / "models"
+
+
+@dataclass
+class ModelInfo:
+    model_id: str
+    path: Path
+    sha256: str
+    config: dict
+
+    @property
+    def card(self) -> dict:
+        card = self.path.with_suffix(".json")
+        return json.loads(card.read_text()) if card.exists() else {}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def aliases(directory: Path | None = None) -> dict[str, str]:
+    path = (directory or models_dir()) / "aliases.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def list_models(directory: Path | None = None) -> list[str]:
+    directory = directory or models_dir()
+    return sorted(p.stem for p in directory.glob("*.npz")) if directory.is_dir() else []
+
+
+def resolve(name: str, directory: Path | None = None) -> Path:
+    """A model name, alias or path → its weights file."""
+    directory = directory or models_dir()
+    candidate = Path(name)
+    if candidate.suffix == ".npz" and candidate.exists():
+        return candidate
+    model_id = aliases(directory).get(name, name)
+    path = directory / f"{model_id}.npz"
+    if not path.exists():
+        known = ", ".join(sorted(set(aliases(directory)) | set(list_models(directory)))) or "none"
+        raise ModelError(f"unknown model {name!r} (known: {known})", code="E_MODEL_UNKNOWN")
+    return path
+
+
+def _read(path: Path) -> tuple[dict, dict]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read model file {path}: {exc}", code="E_MODEL_FILE") from exc
+    config = json.loads(bytes(arrays.pop("config.json")).decode())
+    return config, arrays
+
+
+def model_from_arrays(config: dict, arrays: dict) -> CodecModel:
+    model = build_model(config)
+    state = {k[len("float.") :]: torch.from_numpy(v.astype(np.float32)) for k, v in arrays.items() if k.startswith("float.")}
+    if "int_h_s.0.meta" in arrays:
+        state.update(IntegerHyperSynthesis.from_state(arrays).float_state())
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: str, sha: str) -> tuple[ModelInfo, FrozenModel]:
+    config, arrays = _read(Path(path))
+    model_id = Path(path).stem
+    return ModelInfo(model_id, Path(path), sha, config), FrozenModel(model_from_arrays(config, arrays), arrays)
+
+
+def load(name: str = "default", directory: Path | None = None) -> tuple[ModelInfo, FrozenModel]:
+    path = resolve(name, directory)
+    sha = _sha256(path)
+    if not path.stem.endswith(sha[:8]):
+        raise ModelError(f"model file {path.name} does not match its content hash ({sha[:8]})", code="E_MODEL_HASH")
+    return _load_cached(str(path), sha)
+
+
+def find_by_hash(model_hash: bytes, directory: Path | None = None) -> tuple[ModelInfo, FrozenModel]:
+    """The model a bitstream was written with, by the full SHA-256 in its header."""
+    directory = directory or models_dir()
+    prefix = model_hash.hex()[:8]
+    for model_id in list_models(directory):
+        if model_id.endswith(prefix):
+            info, frozen = load(model_id, directory)
+            if info.sha256 == model_hash.hex():
+                return info, frozen
+    raise ModelError(f"this file needs model {prefix}…, which is not installed", code="E_MODEL_UNKNOWN")
+
+
+def export(model: CodecModel, name: str, directory: Path, extra_config: dict | None = None) -> ModelInfo:
+    """Freeze a trained model into `directory/<name>-<sha8>.npz` (float16 weights + integer tables).
+
+    The float weights are rounded to float16 *before* the tables and the integer h_s are built, so
+    the shipped file is self-consistent."""
+    state = {k: v.detach().cpu().to(torch.float16) for k, v in model.state_dict().items()}
+    rounded = build_model(model.config())
+    rounded.load_state_dict({k: v.float() for k, v in state.items()})
+    rounded.eval()
+    # h_s is stored only as its integer network (more precise than float16, and what coding uses).
+    arrays = {f"float.{k}": v.numpy() for k, v in state.items() if not k.startswith("h_s.")}
+    arrays.update(FrozenModel.build_arrays(rounded))
+    config = {**model.config(), **(extra_config or {})}
+    arrays["config.json"] = np.frombuffer(json.dumps(config, sort_keys=True).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    data = buf.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}-{sha[:8]}.npz"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return ModelInfo(path.stem, path, sha, config)

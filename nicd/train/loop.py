@@ -1,0 +1,245 @@
+"""The rate–distortion training loop (Ballé et al. 2017: loss = λ·255²·MSE + bpp, or
+λ·(1 − MS-SSIM) + bpp), resumable bit for bit from its checkpoints.
+
+The library never prints: progress goes to an `on_progress(dict)` callback and to a CSV learning
+curve beside the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..codec.models import LAMBDAS_MSE, LAMBDAS_MSSSIM, QUALITIES, build_model
+from ..errors import ConfigError
+from .data import PatchSampler, load_images
+
+
+@dataclass
+class TrainOptions:
+    run_dir: Path
+    train_data: Path
+    val_data: Path | None = None
+    kind: str = "mean-scale"
+    n: int = 128
+    m: int = 192
+    metric: str = "mse"  # mse | ms-ssim
+    patch: int = 128
+    batch: int = 8
+    steps: int = 1_000_000
+    lr: float = 1e-4
+    lr_decay_at: float = 0.85  # fraction of `steps` after which lr drops 10×
+    clip: float = 1.0
+    seed: int = 0
+    threads: int = 1
+    device: str = "cpu"
+    checkpoint_minutes: float = 5.0
+    validate_every: int = 500
+    max_seconds: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _lambdas(metric: str) -> tuple[float, ...]:
+    if metric == "mse":
+        return LAMBDAS_MSE
+    if metric == "ms-ssim":
+        return LAMBDAS_MSSSIM
+    raise ConfigError(f"unknown training metric {metric!r}: use mse or ms-ssim")
+
+
+def rd_loss(out: dict, x: torch.Tensor, q: torch.Tensor, metric: str) -> dict:
+    """Per-sample λ from each sample's quality level; returns loss, bpp, mse (means over the batch)."""
+    lambdas = torch.tensor(_lambdas(metric), device=x.device)[q]
+    pixels = x.shape[2] * x.shape[3]
+    bits = sum(torch.log(lk).sum(dim=(1, 2, 3)) for lk in out["likelihoods"].values()) / -math.log(2)
+    bpp = bits / pixels
+    x_hat = out["x_hat"]
+    mse = ((x_hat - x) ** 2).mean(dim=(1, 2, 3))
+    if metric == "mse":
+        distortion = lambdas * 255**2 * mse
+    else:
+        from pytorch_msssim import ms_ssim
+
+        ms = ms_ssim(x_hat.clamp(0, 1), x, data_range=1.0, size_average=False)
+        distortion = lambdas * (1 - ms)
+    loss = (distortion + bpp).mean()
+    return {"loss": loss, "bpp": bpp.mean(), "mse": mse.mean()}
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Owns model, optimizer, sampler and the run folder (checkpoint.pt, curve.csv)."""
+
+    def __init__(self, opts: TrainOptions):
+        self.opts = opts
+        _lambdas(opts.metric)
+        torch.set_num_threads(opts.threads)
+        self.run_dir = Path(opts.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = self.run_dir / "checkpoint.pt"
+        self.curve_path = self.run_dir / "curve.csv"
+        self.device = torch.device(opts.device)
+        torch.manual_seed(opts.seed)
+        random.seed(opts.seed)
+        self.model = build_model({"kind": opts.kind, "n": opts.n, "m": opts.m}).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=opts.lr)
+        self.step = 0
+        self.wall_seconds = 0.0
+        self.sampler = PatchSampler(load_images(opts.train_data, opts.patch), opts.patch, opts.batch, opts.seed)
+        self.val_images = load_images(opts.val_data, 64) if opts.val_data else []
+        if self.ckpt_path.exists():
+            self._load()
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _load(self) -> None:
+        ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        saved = ckpt["options"]
+        for key in ("kind", "n", "m", "metric"):
+            if saved[key] != getattr(self.opts, key):
+                raise ConfigError(f"run {self.run_dir} was started with {key}={saved[key]!r}, not {getattr(self.opts, key)!r}")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step = ckpt["step"]
+        self.wall_seconds = ckpt.get("wall_seconds", 0.0)
+        self.sampler.set_state(ckpt["sampler"])
+        _set_rng_state(ckpt["rng"])
+
+    def save(self) -> None:
+        opts = asdict(self.opts)
+        opts = {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()}
+        atomic_torch_save(
+            {
+                "options": opts,
+                "config": self.model.config(),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "wall_seconds": self.wall_seconds,
+                "sampler": self.sampler.state(),
+                "rng": _rng_state(),
+                "device": str(self.device),
+            },
+            self.ckpt_path,
+        )
+
+    # -- training ----------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        return self.opts.lr * (0.1 if step >= self.opts.lr_decay_at * self.opts.steps else 1.0)
+
+    def train_step(self) -> dict:
+        self.model.train()
+        x = torch.from_numpy(self.sampler.sample()).to(self.device).float() / 255.0
+        q = torch.randint(0, QUALITIES, (x.shape[0],), device=self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        out = self.model(x, q)
+        losses = rd_loss(out, x, q, self.opts.metric)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.opts.clip)
+        self.optimizer.step()
+        self.step += 1
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    @torch.no_grad()
+    def validate(self, qualities=(1, 4, 8), crop: int = 256, images: int = 12) -> dict:
+        """Estimated bpp (rounded latents) and PSNR on centre crops of the validation photos."""
+        self.model.eval()
+        result = {}
+        for quality in qualities:
+            bpps, psnrs = [], []
+            for im in self.val_images[:images]:
+                h, w = im.shape[:2]
+                c = min(crop, h, w) // 64 * 64
+                y0, x0 = (h - c) // 2, (w - c) // 2
+                x = torch.from_numpy(np.ascontiguousarray(im[y0:y0 + c, x0:x0 + c].transpose(2, 0, 1)))
+                x = x[None].float().to(self.device) / 255.0
+                out = self.model(x, torch.tensor([quality - 1], device=self.device))
+                bits = sum(-torch.log2(lk).sum() for lk in out["likelihoods"].values())
+                bpps.append(float(bits) / (c * c))
+                mse = float(((out["x_hat"].clamp(0, 1) * 255).round() / 255 - x).pow(2).mean())
+                psnrs.append(10 * math.log10(1 / max(mse, 1e-12)))
+            result[f"q{quality}_bpp"] = float(np.mean(bpps))
+            result[f"q{quality}_psnr"] = float(np.mean(psnrs))
+        return result
+
+    def _append_curve(self, row: dict) -> None:
+        new = not self.curve_path.exists()
+        with open(self.curve_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def run(self, on_progress: Callable[[dict], None] | None = None, stop: Callable[[], bool] | None = None) -> dict:
+        """Train until `steps`, `max_seconds`, SIGTERM/SIGINT or `stop()`; checkpoint on the way out."""
+        stopping = {"flag": False}
+
+        def _handler(signum, frame):
+            stopping["flag"] = True
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[sig] = signal.signal(sig, _handler)
+            except ValueError:  # not in the main thread
+                pass
+        started = time.monotonic()
+        last_ckpt = started
+        running = {"loss": 0.0, "bpp": 0.0, "mse": 0.0}
+        count = 0
+        try:
+            while self.step < self.opts.steps and not stopping["flag"] and not (stop and stop()):
+                if self.opts.max_seconds and time.monotonic() - started >= self.opts.max_seconds:
+                    break
+                t0 = time.monotonic()
+                losses = self.train_step()
+                self.wall_seconds += time.monotonic() - t0
+                for k in running:
+                    running[k] += losses[k]
+                count += 1
+                row = None
+                if self.val_images and self.step % self.opts.validate_every == 0:
+                    row = {"step": self.step, "wall_seconds": round(self.wall_seconds, 1)}
+                    row.update({f"train_{k}": round(v / count, 5) for k, v in running.items()})
+                    row.update({k: round(v, 4) for k, v in self.validate().items()})
+                    self._append_curve(row)
+                    running = {k: 0.0 for k in running}
+                    count = 0
+                if on_progress:
+                    on_progress({"step": self.step, "steps": self.opts.steps, **losses, "validation": row})
+                if time.monotonic() - last_ckpt >= self.opts.checkpoint_minutes * 60:
+                    self.save()
+                    last_ckpt = time.monotonic()
+        finally:
+            self.save()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return {"step": self.step, "wall_seconds": self.wall_seconds, "stopped_by_signal": stopping["flag"]}
