@@ -71,6 +71,9 @@ def test_roundtrip_12_megapixels(codec):
     assert res.psnr > 15
 
 
+MODES = ["RGB", "L", "RGBA", "LA", "P", "CMYK", "I;16"]
+
+
 def _modes():
     rgb = photo_crop(70, 90, 3)
     rgba = np.dstack([rgb, (np.arange(70 * 90) % 251).reshape(70, 90).astype(np.uint8)])
@@ -82,11 +85,11 @@ def _modes():
         "LA": Image.fromarray(rgba, "RGBA").convert("LA"),
         "P": Image.fromarray(rgb).quantize(64),
         "CMYK": Image.fromarray(rgb).convert("CMYK"),
-        "I;16": Image.fromarray((gray.astype(np.uint16) * 257), "I;16"),
+        "I;16": Image.fromarray(gray.astype(np.uint16) * 257),
     }
 
 
-@pytest.mark.parametrize("mode", list(_modes()))
+@pytest.mark.parametrize("mode", MODES)
 def test_roundtrip_modes(codec, mode):
     image = _modes()[mode]
     data, out = roundtrip(codec, image, quality=8)

@@ -39,6 +39,8 @@ def table(title: str | None, columns: Iterable[str], rows: Iterable[Iterable[Any
 def error_line(err: NicdError | Exception, path: str | None = None) -> str:
     code = getattr(err, "code", "E_INTERNAL")
     where = path or getattr(err, "path", None)
+    if where and where in str(err):
+        where = None  # the message already names the file
     return f"nicd: {where + ': ' if where else ''}{err} [{code}]"
 
 

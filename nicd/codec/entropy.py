@@ -110,7 +110,11 @@ def decode_grouped(decoder, table_ids: np.ndarray, models: TableModels, escapes:
     start = 0
     for k, n in enumerate(counts.tolist()):
         if n:
-            sym[start : start + n] = decoder.decode(models.model(k), n)
+            try:
+                sym[start : start + n] = decoder.decode(models.model(k), n)
+            except (AssertionError, ValueError, RuntimeError) as exc:
+                # constriction refuses words that no symbol sequence could have produced
+                raise FormatError(f"coded stream is corrupt ({exc})", code="E_FORMAT_STREAM") from None
         start += n
     ids = table_ids[order]
     esc = sym == t.lengths[ids] - 1

@@ -1,0 +1,263 @@
+"""The worker: claim a batch of jobs, encode it on the device, store each result in one transaction.
+
+One batch = up to ``batch_megapixels`` of images (the first one is always taken, however big). For each
+claimed job the worker reads the content back from one of its paths and checks its SHA-256 (the file may
+have changed since it was hashed), prepares it, and hands the batch to ``Codec.encode_batch``, which
+decodes what it wrote on the CPU path and compares before it reports success. The bitstream, its figures
+(including the bytes JPEG needs for the same SSIM) and the ``done`` state are committed together; no
+database transaction is ever held across the encoding. The originals policy runs only after that commit,
+from the stored bytes (see :mod:`nicd.daemon.originals`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..config import Config
+from ..errors import NicdError, StorageError
+from ..store import catalog, queue
+from ..store.engine import Store
+from .discovery import read_regular_file
+
+log = logging.getLogger("nicd.worker")
+
+MAX_BATCH_ITEMS = 16
+MAX_PIXELS = 100_000_000
+
+
+@dataclass
+class Verdict:
+    job_id: int
+    sha256: str
+    state: str  # done | failed | skipped | released
+    code: str | None = None
+    message: str | None = None
+    original_bytes: int = 0
+    nicd_bytes: int = 0
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    last_error: str | None = None
+    last_beat: float = field(default_factory=time.monotonic)
+
+
+class Worker:
+    def __init__(self, store: Store, config: Config, codec, owner: str, *,
+                 stop: threading.Event | None = None, policy=None,
+                 on_verdict: Callable[[Verdict], None] | None = None):
+        self.store = store
+        self.config = config
+        self.codec = codec
+        self.owner = owner
+        self.stop = stop or threading.Event()
+        self.policy = policy
+        self.on_verdict = on_verdict
+        self.stats = WorkerStats()
+        self.current: list[int] = []  # job ids held right now (released by the service on a hard stop)
+        self.busy_since: float | None = None
+
+    def beat(self) -> None:
+        self.stats.last_beat = time.monotonic()
+
+    # ------------------------------------------------------------------------------------------ batch
+    def run_batch(self, job_ids=None) -> list[Verdict] | None:
+        """Claim and process one batch. None when there was nothing to claim."""
+        self.beat()
+        with self.store.write() as conn:
+            jobs = queue.claim(conn, self.owner, limit=MAX_BATCH_ITEMS,
+                               max_megapixels=self.config.codec.batch_megapixels, job_ids=job_ids)
+        if not jobs:
+            return None
+        self.current = [j.id for j in jobs]
+        self.busy_since = time.monotonic()
+        try:
+            return self._process(jobs)
+        finally:
+            self.current = []
+            self.busy_since = None
+            self.stats.batches += 1
+            self.beat()
+
+    def _process(self, jobs: list[queue.ClaimedJob]) -> list[Verdict]:
+        from ..codec.imageio import load_image
+
+        verdicts: list[Verdict] = []
+        ready: list[tuple[queue.ClaimedJob, object, int]] = []  # (job, prepared, original size)
+        for job in jobs:
+            if self.stop.is_set():
+                break
+            try:
+                data = self._read_content(job)
+                if data is None:
+                    verdicts.append(self._finish_fail(job, "E_VANISHED", "no file holds this content any more", state="skipped"))
+                    continue
+                prepared = load_image(data, max_pixels=MAX_PIXELS)
+                ready.append((job, prepared, len(data)))
+            except NicdError as err:
+                verdicts.append(self._finish_fail(job, err.code, err.message))
+            except MemoryError:
+                verdicts.append(self._finish_fail(job, "E_TOO_LARGE", "not enough memory to read the image"))
+            self.beat()
+        if self.stop.is_set():
+            self._release([j.id for j in jobs if j.id not in {v.job_id for v in verdicts}])
+            return verdicts
+        if ready:
+            results = self._encode([p for _, p, _ in ready])
+            with self.store.write() as conn:
+                queue.renew(conn, self.owner, [j.id for j, _, _ in ready])
+            for (job, prepared, nbytes), res in zip(ready, results):
+                if isinstance(res, NicdError):
+                    verdicts.append(self._finish_fail(job, res.code, res.message))
+                elif isinstance(res, BaseException):
+                    verdicts.append(self._finish_fail(job, "E_INTERNAL", f"{type(res).__name__}: {res}"))
+                else:
+                    verdicts.append(self._finish_done(job, prepared, nbytes, res))
+                self.beat()
+        done_shas = [v.sha256 for v in verdicts if v.state == "done"]
+        if done_shas and self.policy is not None:
+            self.policy.apply(done_shas)
+        return verdicts
+
+    def _encode(self, prepared: list) -> list:
+        kw = self.config.codec.encode_kwargs()
+        try:
+            return list(self.codec.encode_batch(prepared, **kw))
+        except NicdError as err:
+            if len(prepared) == 1:
+                return [err]
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory on the device: retry one by one
+            log.warning("batch of %d failed (%s: %s); encoding one by one", len(prepared), type(exc).__name__, exc)
+            if len(prepared) == 1:
+                return [exc]
+        out = []
+        for p in prepared:
+            try:
+                out.append(self.codec.encode(p, **kw))
+            except NicdError as err:
+                out.append(err)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("encoding failed")
+                out.append(exc)
+            self.beat()
+        return out
+
+    def _read_content(self, job: queue.ClaimedJob) -> bytes | None:
+        """The bytes of the job's content, from the first path that still holds exactly that content."""
+        with self.store.read() as conn:
+            paths = catalog.paths_for_content(conn, job.content_sha256)
+        for path in paths:
+            try:
+                data, _ = read_regular_file(path)
+            except NicdError as err:
+                log.debug("%s: %s", path, err)
+                data = None
+            if data is not None and hashlib.sha256(data).hexdigest() == job.content_sha256:
+                return data
+            with self.store.write() as conn:  # it changed or went: discovery will look at it again
+                catalog.mark_rehash(conn, path)
+        return None
+
+    # ------------------------------------------------------------------------------------- verdicts
+    def _finish_done(self, job: queue.ClaimedJob, prepared, nbytes: int, res) -> Verdict:
+        from ..baselines import jpeg_bytes_at_ssim
+
+        t0 = time.perf_counter()
+        try:
+            jpeg = jpeg_bytes_at_ssim(prepared.rgb, res.ssim)
+        except Exception as exc:  # noqa: BLE001 - a missing baseline figure must not lose the bitstream
+            log.warning("JPEG baseline failed for %s: %s", job.content_sha256[:12], exc)
+            jpeg = None
+        baseline_seconds = time.perf_counter() - t0
+        codec_cfg = self.config.codec
+        row = {
+            "content_sha256": job.content_sha256,
+            "data": res.data,
+            "data_sha256": hashlib.sha256(res.data).hexdigest(),
+            "original_format": (getattr(prepared, "format", None) or None),
+            "width": res.width,
+            "height": res.height,
+            "original_bytes": nbytes,
+            "nicd_bytes": len(res.data),
+            "bpp": res.bpp,
+            "psnr": _finite(res.psnr),
+            "ssim": _finite(res.ssim),
+            "ms_ssim": _finite(res.ms_ssim),
+            "jpeg_bytes_at_equal_ssim": jpeg,
+            "model": res.model_id,
+            "quality": res.quality,
+            "target_ssim": codec_cfg.target_ssim,
+            "target_psnr": codec_cfg.target_psnr,
+            "encode_seconds": res.encode_seconds,
+            "decode_seconds": res.decode_seconds,
+            "baseline_seconds": baseline_seconds,
+        }
+        try:
+            with self.store.write() as conn:
+                ok = queue.complete(conn, job.id, self.owner, row)
+                if not ok:
+                    raise _LeaseLost()
+        except _LeaseLost:
+            log.warning("job %d: lease lost before its result was stored; result dropped", job.id)
+            return Verdict(job.id, job.content_sha256, "released")
+        self.stats.done += 1
+        self.stats.bytes_in += nbytes
+        self.stats.bytes_out += len(res.data)
+        v = Verdict(job.id, job.content_sha256, "done", original_bytes=nbytes, nicd_bytes=len(res.data))
+        log.info("coded %s: %d → %d bytes (%.3f bpp, PSNR %.2f dB, SSIM %.4f)", job.content_sha256[:12], nbytes,
+                 len(res.data), res.bpp, res.psnr, res.ssim)
+        self._emit(v)
+        return v
+
+    def _finish_fail(self, job: queue.ClaimedJob, code: str, message: str, *, state: str = "failed") -> Verdict:
+        with self.store.write() as conn:
+            ok = queue.fail(conn, job.id, self.owner, code, message, state=state)
+        if not ok:
+            return Verdict(job.id, job.content_sha256, "released")
+        if state == "failed":
+            self.stats.failed += 1
+            self.stats.last_error = f"{code}: {message}"
+        else:
+            self.stats.skipped += 1
+        log.info("job %d (%s) %s: %s [%s]", job.id, job.content_sha256[:12], state, message, code)
+        v = Verdict(job.id, job.content_sha256, state, code, message)
+        self._emit(v)
+        return v
+
+    def _emit(self, v: Verdict) -> None:
+        if self.on_verdict is not None:
+            try:
+                self.on_verdict(v)
+            except Exception:  # noqa: BLE001
+                log.exception("verdict callback failed")
+
+    def _release(self, ids: list[int]) -> None:
+        if not ids:
+            return
+        try:
+            with self.store.write() as conn:
+                queue.release(conn, self.owner, ids)
+        except StorageError as exc:
+            log.warning("could not release jobs %s: %s (their leases will expire)", ids, exc)
+
+
+class _LeaseLost(Exception):
+    pass
+
+
+def _finite(x):
+    if x is None:
+        return None
+    x = float(x)
+    return x if x == x and x not in (float("inf"), float("-inf")) else None

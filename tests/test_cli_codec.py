@@ -1,0 +1,101 @@
+"""`nicd encode / decode / info / models` through typer's CliRunner and as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from nicd.cli import app
+
+KODAK = Path(__file__).resolve().parents[2] / "shared" / "data" / "kodak"
+runner = CliRunner()
+
+
+@pytest.fixture
+def photos(tmp_path) -> list[Path]:
+    out = []
+    for n in (3, 9):
+        with Image.open(KODAK / f"kodim{n:02d}.png") as im:
+            p = tmp_path / f"photo{n}.png"
+            im.convert("RGB").crop((0, 0, 200, 136)).save(p)
+            out.append(p)
+    return out
+
+
+def test_encode_decode_info_json(photos, tmp_path):
+    out = tmp_path / "enc"
+    r = runner.invoke(app, ["encode", *map(str, photos), "--out-dir", str(out), "--quality", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert [Path(row["output"]).name for row in rows] == ["photo3.nicd", "photo9.nicd"]
+    for row in rows:
+        assert row["bytes"] == Path(row["output"]).stat().st_size and row["quality"] == 3
+    r = runner.invoke(app, ["info", str(out / "photo3.nicd"), "--json"])
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    assert (info["width"], info["height"], info["quality"], info["checksum_ok"]) == (200, 136, 3, True)
+    dec = tmp_path / "dec"
+    r = runner.invoke(app, ["decode", str(out / "photo3.nicd"), str(out / "photo9.nicd"), "--out-dir", str(dec), "--json"])
+    assert r.exit_code == 0, r.output
+    for p in photos:
+        with Image.open(dec / (p.stem + ".png")) as im:
+            assert im.size == (200, 136)
+
+
+def test_target_ssim_option(photos, tmp_path):
+    r = runner.invoke(app, ["encode", str(photos[0]), "-o", str(tmp_path / "a.nicd"), "--target-ssim", "0.8", "--json"])
+    assert r.exit_code == 0, r.output
+    row = json.loads(r.stdout)
+    assert row["ssim"] >= 0.8 or not row["target_met"]
+
+
+@pytest.mark.parametrize("name, content, code", [
+    ("missing.png", None, "E_NOT_FOUND"),
+    ("empty.png", b"", "E_EMPTY"),
+    ("text.jpg", b"hello", "E_NOT_IMAGE"),
+])
+def test_encode_bad_input_one_line_nonzero(tmp_path, name, content, code):
+    src = tmp_path / name
+    if content is not None:
+        src.write_bytes(content)
+    proc = subprocess.run([sys.executable, "-m", "nicd", "encode", str(src), "-o", str(tmp_path / "x.nicd")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and code in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.nicd").exists()
+
+
+def test_decode_corrupt_file_one_line_nonzero(photos, tmp_path):
+    enc = tmp_path / "a.nicd"
+    assert runner.invoke(app, ["encode", str(photos[0]), "-o", str(enc)]).exit_code == 0
+    data = bytearray(enc.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    bad = tmp_path / "bad.nicd"
+    bad.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "nicd", "decode", str(bad), "-o", str(tmp_path / "out.png")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert len(proc.stderr.strip().splitlines()) == 1 and "E_FORMAT_CHECKSUM" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out.png").exists()
+    r = runner.invoke(app, ["info", str(bad), "--json"])
+    assert r.exit_code != 0 and json.loads(r.stdout)["error"]["code"] == "E_FORMAT_CHECKSUM"
+
+
+def test_output_options_are_checked(photos, tmp_path):
+    r = runner.invoke(app, ["encode", *map(str, photos), "-o", str(tmp_path / "x.nicd")])
+    assert r.exit_code != 0 and "E_ARGS" in r.output
+
+
+def test_models_lists_default():
+    r = runner.invoke(app, ["models", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.stdout)
+    assert any("default" in row["aliases"] for row in rows)

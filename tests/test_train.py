@@ -1,0 +1,106 @@
+"""Training: a tiny run lowers the loss, a resumed run equals an uninterrupted one, export works."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nicd.codec import container, registry
+from nicd.codec.api import Codec, pick_device
+from nicd.codec.imageio import load_image
+from nicd.train.data import pack_folder
+from nicd.train.export import export_checkpoint
+from nicd.train.loop import Trainer, TrainOptions
+
+TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
+
+
+@pytest.fixture(scope="module")
+def small_train(tmp_path_factory) -> Path:
+    """Eight real training photographs, downscaled, as a folder."""
+    folder = tmp_path_factory.mktemp("train")
+    for path in sorted(TRAIN.glob("*.png"))[:8]:
+        with Image.open(path) as im:
+            im.convert("RGB").resize((160, 128)).save(folder / path.name)
+    return folder
+
+
+def opts(run_dir: Path, data: Path, **kw) -> TrainOptions:
+    base = dict(run_dir=run_dir, train_data=data, val_data=data, n=16, m=24, patch=64, batch=4, lr=1e-3,
+                validate_every=10_000, checkpoint_minutes=60, threads=1, seed=3)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def test_tiny_run_lowers_the_loss(small_train, tmp_path):
+    trainer = Trainer(opts(tmp_path / "run", small_train, steps=60))
+    losses = []
+    trainer.run(on_progress=lambda p: losses.append(p["loss"]))
+    assert len(losses) == 60
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), (losses[:10], losses[-10:])
+    assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_resumed_run_equals_uninterrupted(small_train, tmp_path):
+    full = Trainer(opts(tmp_path / "a", small_train, steps=8))
+    full.run()
+    first = Trainer(opts(tmp_path / "b", small_train, steps=4))
+    first.run()
+    resumed = Trainer(opts(tmp_path / "b", small_train, steps=8))
+    assert resumed.step == 4
+    resumed.run()
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_validation_curve_is_written(small_train, tmp_path):
+    trainer = Trainer(opts(tmp_path / "run", small_train, steps=4, validate_every=2))
+    trainer.run()
+    lines = (tmp_path / "run" / "curve.csv").read_text().splitlines()
+    assert lines[0].startswith("step,wall_seconds,train_loss") and len(lines) == 3
+
+
+def test_export_encode_decode(small_train, tmp_path):
+    trainer = Trainer(opts(tmp_path / "run", small_train, steps=3))
+    trainer.run()
+    info = export_checkpoint(tmp_path / "run" / "checkpoint.pt", "tiny", tmp_path / "models", alias="default")
+    assert info.path.name.startswith("tiny-") and info.path.stem.endswith(info.sha256[:8])
+    assert (tmp_path / "models" / f"{info.model_id}.json").exists()
+    loaded, frozen = registry.load("default", tmp_path / "models")
+    codec = Codec(loaded, frozen, pick_device("cpu"))
+    rgb = np.asarray(Image.open(sorted(small_train.glob("*.png"))[0]).convert("RGB"))
+    res = codec.encode(load_image(Image.fromarray(rgb)), quality=4)
+    assert container.parse(res.data).model_id == info.model_id
+    assert codec.decode_rgb(res.data).shape == rgb.shape
+    # exporting again replaces the previous file in place
+    trainer2 = Trainer(opts(tmp_path / "run", small_train, steps=4))
+    trainer2.run()
+    info2 = export_checkpoint(tmp_path / "run" / "checkpoint.pt", "tiny", tmp_path / "models")
+    assert sorted(p.name for p in (tmp_path / "models").glob("tiny-*.npz")) == [info2.path.name]
+
+
+def test_tampered_weights_are_refused(small_train, tmp_path):
+    trainer = Trainer(opts(tmp_path / "run", small_train, steps=1))
+    trainer.run()
+    info = export_checkpoint(tmp_path / "run" / "checkpoint.pt", "tiny", tmp_path / "models")
+    data = bytearray(info.path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    info.path.write_bytes(bytes(data))
+    registry._load_cached.cache_clear()
+    with pytest.raises(Exception) as err:
+        registry.load(info.model_id, tmp_path / "models")
+    assert getattr(err.value, "code", "") == "E_MODEL_HASH"
+
+
+def test_pack_fits_budget(small_train, tmp_path):
+    stats = pack_folder(small_train, tmp_path / "pack.npz", max_bytes=200_000, side=96)
+    assert (tmp_path / "pack.npz").stat().st_size <= 200_000
+    assert stats["images"] >= 1
+    with np.load(tmp_path / "pack.npz") as f:
+        assert all(f[k].shape == (96, 96, 3) for k in f.files)
