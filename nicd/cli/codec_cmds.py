@@ -276,6 +276,7 @@ def bench(
     model: str = MODEL_OPTION,
     limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N images."),
     out: Path = typer.Option(Path("bench-out"), "--out", help="Folder for bench.csv, summary.json and rd.png."),
+    update_card: bool = typer.Option(False, "--update-card", help="Write the measured figures into the model's card (models/<id>.json/.md)."),
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Rate–distortion benchmark against JPEG, WebP and AVIF, with BD-rates, bytes to SSIM 0.97, speed.
@@ -310,6 +311,10 @@ def bench(
     summary.update({"model_id": codec.model_id, "images": str(images), "count": len(loaded)})
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     bench_lib.plot(rows, out / "rd.png", title=images.name)
+    if update_card:
+        from ..train.cards import write_card
+
+        write_card(codec.info.path, summary, command=f"nicd bench --images {images} --qualities {qualities} --codecs {codecs}")
     if as_json:
         print_json(summary)
         return

@@ -159,8 +159,9 @@ def scan(
     if result.deleted_originals:
         stdout.print(f"{result.deleted_originals} originals deleted (policy delete; `nicd restore` brings them back)")
     if result.failures:
-        stdout.print(table("failures", ["path", "code", "message"],
-                           [(f["path"], f["code"], f["message"]) for f in result.failures]))
+        stdout.print(f"{len(result.failures)} without a bitstream:")
+        for f in result.failures:
+            stdout.print(f"  {f['path']}: {f['message']} [{f['code']}]", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

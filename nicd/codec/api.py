@@ -30,7 +30,7 @@ from .imageio import PreparedImage, restore_image
 from .models import QUALITIES
 
 TILE_SIZE = 1024
-ANALYSIS_BATCH_PIXELS = 2 * 1024 * 1024  # float64 analysis: ~0.5 GB of activations per MP
+ANALYSIS_BATCH_PIXELS = 1024 * 1024  # float64 analysis: ~1 GB of activations per megapixel
 
 
 @dataclass

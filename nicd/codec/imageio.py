@@ -200,7 +200,10 @@ def _open_regular_file(path: str) -> io.BufferedReader:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"not a regular file ({_file_kind(st.st_mode)}): {path}", code="E_NOT_REGULAR_FILE", path=path)
+            raise InputError(
+                f"not a regular file ({_file_kind(st.st_mode)}): {path}",
+                code="E_NOT_REGULAR_FILE", path=path,
+            )
         if st.st_size == 0:
             raise InputError(f"the file is empty (0 bytes): {path}", code="E_EMPTY", path=path)
         if hasattr(os, "set_blocking"):
@@ -229,7 +232,10 @@ def _open(fp: Any, path: str | None) -> Image.Image:
     try:
         return Image.open(fp)
     except Image.DecompressionBombError as err:
-        raise InputError(f"image too large (decompression bomb check): {_reason(err)}", code="E_TOO_LARGE", path=path) from None
+        raise InputError(
+            f"image too large (decompression bomb check) in {what}: {_reason(err)}",
+            code="E_TOO_LARGE", path=path,
+        ) from None
     except UnidentifiedImageError:
         raise InputError(f"not an image Pillow can read: {what}", code="E_NOT_IMAGE", path=path) from None
     except PermissionError:
@@ -271,13 +277,19 @@ def _prepare(im: Image.Image, max_pixels: int, path: str | None, fmt: str | None
     try:
         im.load()
     except Image.DecompressionBombError as err:
-        raise InputError(f"image too large (decompression bomb check): {_reason(err)}", code="E_TOO_LARGE", path=path) from None
+        raise InputError(
+            f"image too large (decompression bomb check) in {what}: {_reason(err)}",
+            code="E_TOO_LARGE", path=path,
+        ) from None
     except MemoryError:
         raise InputError(f"not enough memory to decode {what}", code="E_TOO_LARGE", path=path) from None
     except PermissionError:
         raise InputError(f"permission denied: {what}", code="E_PERMISSION", path=path) from None
     except Exception as err:  # noqa: BLE001 - OSError, SyntaxError, ValueError, zlib.error, EOFError, struct.error...
-        raise InputError(f"truncated or corrupt image data in {what}: {_reason(err)}", code="E_TRUNCATED", path=path) from None
+        raise InputError(
+            f"truncated or corrupt image data in {what}: {_reason(err)}",
+            code="E_TRUNCATED", path=path,
+        ) from None
     if im.size != (w, h):  # a few plugins pick their final size while loading (ICNS, ICO)
         w, h = im.size
         if w <= 0 or h <= 0 or w * h > max_pixels:
@@ -294,7 +306,10 @@ def _prepare(im: Image.Image, max_pixels: int, path: str | None, fmt: str | None
     except NicdError:
         raise
     except Exception as err:  # noqa: BLE001 - conversion errors on odd data
-        raise InputError(f"cannot convert {what} (mode {im.mode}): {_reason(err)}", code="E_UNSUPPORTED_MODE", path=path) from None
+        raise InputError(
+            f"cannot convert {what} (mode {im.mode}): {_reason(err)}",
+            code="E_UNSUPPORTED_MODE", path=path,
+        ) from None
 
     _collect_metadata(im, fmt, side, info)
     if info:
@@ -852,7 +867,7 @@ def save_image(image: Image.Image, path: str | os.PathLike, *, format: str | Non
             os.unlink(tmp)
         except OSError:
             pass
-        if isinstance(err, (OSError, ValueError, KeyError)):
+        if isinstance(err, Exception) and not isinstance(err, NicdError):
             raise StorageError(f"cannot write {path_s}: {_reason(err)}", path=path_s) from err
         raise
     _fsync_dir(directory)

@@ -242,7 +242,7 @@ class Ingestor:
         try:
             lst = os.lstat(path)
         except FileNotFoundError:
-            return IngestOutcome("gone", path)
+            return self._gone(path, root)
         except OSError as exc:
             return self._fail(path, root, None, "E_READ", f"cannot stat: {exc.strerror or exc}")
         sig = Signature.of(lst)
@@ -267,7 +267,7 @@ class Ingestor:
             data, after = read_regular_file(path)
         except InputError as err:
             if err.code == "E_VANISHED":
-                return IngestOutcome("gone", path)
+                return self._gone(path, root)
             return self._fail(path, root, sig, err.code, err.message)
         after_sig = Signature.of(after)
         if after_sig != sig:
@@ -285,6 +285,14 @@ class Ingestor:
         except OSError:
             return IngestOutcome("gone", path)
         return self._fail(path, root, sig, "E_UNSTABLE", f"still changing after {MAX_SETTLE_SECONDS:.0f} s; retried when it changes again")
+
+    def _gone(self, path: str, root: str) -> IngestOutcome:
+        """Seen, then gone before it could be read: recorded (E_VANISHED) unless its root is unavailable."""
+        if root_available(root) and not os.path.lexists(path):
+            with self.store.write() as conn:
+                catalog.record_vanished(conn, path, root)
+            log.info("%s: vanished before it could be read [E_VANISHED]", path)
+        return IngestOutcome("gone", path, code="E_VANISHED", message="the file vanished before it could be read")
 
     def _fail(self, path: str, root: str, sig: Signature | None, code: str, message: str) -> IngestOutcome:
         with self.store.write() as conn:

@@ -172,22 +172,12 @@ class Discovery:
                 self.ingestor.fail_unstable(d.path, d.root)
                 return
             self.schedule(d.path, d.root, max(out.retry_at or 0, time.time() + 0.2))
-        elif out.kind == "gone":
-            self._maybe_missing(d.path, d.root)
         elif out.kind == "queued":
             self.ingested += 1
             if out.job_state == "pending":
                 self.work_available.set()
             elif out.job_state == "done" and self.on_done_content is not None:
                 self.on_done_content(out.sha256)
-
-    def _maybe_missing(self, path: str, root: str) -> None:
-        from .discovery import root_available
-        from ..store import catalog
-
-        if root_available(root) and not os.path.lexists(path):
-            with self.store.write() as conn:
-                catalog.mark_missing(conn, [path])
 
     def full_scan(self) -> None:
         t0 = time.time()

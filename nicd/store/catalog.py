@@ -123,6 +123,15 @@ def mark_missing(conn: Connection, paths: Iterable[str]) -> int:
     return n
 
 
+def record_vanished(conn: Connection, path: str, root: str) -> None:
+    """A file seen (by an event or a scan) that was gone when nicd came to read it."""
+    if conn.execute(select(File.id).where(File.path == path)).first() is not None:
+        mark_missing(conn, [path])
+        return
+    _upsert_file(conn, path, root, {"state": "missing", "error_code": "E_VANISHED",
+                                    "error_message": "the file vanished before it could be read"})
+
+
 def mark_rehash(conn: Connection, path: str) -> None:
     """The file no longer holds the content recorded for it: look at it again."""
     conn.execute(update(File).where(File.path == path, File.state == "hashed").values(state="new", updated_at=utcnow()))

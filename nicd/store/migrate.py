@@ -62,7 +62,7 @@ def current_revision(conn: Connection) -> str | None:
 
 
 def is_empty(conn: Connection) -> bool:
-    return not inspect(conn).get_table_names()
+    return not (set(inspect(conn).get_table_names()) - {"alembic_version"})
 
 
 def schema_state(conn: Connection) -> dict:

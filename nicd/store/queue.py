@@ -12,7 +12,8 @@ Portable SQL only: the same statements run on SQLite and PostgreSQL. The claim r
 States: ``pending → running → done | failed | skipped``; a ``running`` job whose lease expired (its worker
 died) goes back to ``pending`` — or to ``failed`` with ``E_TOO_MANY_ATTEMPTS`` once it has been claimed
 ``max_attempts`` times, so an image that kills the worker cannot loop forever. Claims take the jobs with
-the fewest attempts first, so such an image never blocks the head of the queue.
+the fewest attempts first, so such an image never blocks the head of the queue, and a job interrupted
+once is retried in a batch of its own, so it cannot use up the attempts of the jobs batched with it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from .models import JOB_STATES, Bitstream, Content, Job, utcnow
 
 MAX_ATTEMPTS = 5
 LEASE_SECONDS = 600.0
+# A job whose worker already died once while holding it is retried alone: a poison image (one that kills
+# the process) then only ever takes itself down, never the rest of its batch.
+ISOLATE_AFTER_ATTEMPTS = 1
 E_TOO_MANY_ATTEMPTS = "E_TOO_MANY_ATTEMPTS"
 E_VANISHED = "E_VANISHED"
 
@@ -132,6 +136,22 @@ def enqueue(conn: Connection, sha256: str, size: int, width: int | None = None, 
     return row.id, row.state
 
 
+def claim_candidates_query(limit: int, job_ids: list[int] | None = None):
+    """``SELECT … FROM jobs JOIN contents … WHERE state='pending' ORDER BY attempts, id LIMIT n
+    FOR UPDATE OF jobs SKIP LOCKED`` (the locking clause is rendered only where the dialect has it)."""
+    q = (
+        select(Job.id, Job.content_sha256, Job.attempts, Content.size, Content.width, Content.height)
+        .join(Content, Content.sha256 == Job.content_sha256)
+        .where(Job.state == "pending")
+        .order_by(Job.attempts, Job.id)
+        .limit(max(limit, 1) * 4)
+        .with_for_update(skip_locked=True, of=Job.__table__)
+    )
+    if job_ids is not None:
+        q = q.where(Job.id.in_(job_ids))
+    return q
+
+
 def claim(
     conn: Connection,
     owner: str,
@@ -148,25 +168,17 @@ def claim(
     only those jobs are considered (``nicd scan`` works through the files it found).
     """
     now = time.time() if now is None else now
-    q = (
-        select(Job.id, Job.content_sha256, Job.attempts, Content.size, Content.width, Content.height)
-        .join(Content, Content.sha256 == Job.content_sha256)
-        .where(Job.state == "pending")
-        .order_by(Job.attempts, Job.id)
-        .limit(max(limit, 1) * 4)
-        .with_for_update(skip_locked=True, of=Job.__table__)
-    )
     if job_ids is not None:
-        ids = list(job_ids)
-        if not ids:
+        job_ids = list(job_ids)
+        if not job_ids:
             return []
-        q = q.where(Job.id.in_(ids))
-    rows = conn.execute(q).all()
+    rows = conn.execute(claim_candidates_query(limit, job_ids)).all()
     picked: list[ClaimedJob] = []
     total = 0.0
     for r in rows:
         job = ClaimedJob(r.id, r.content_sha256, r.attempts + 1, r.size, r.width, r.height)
-        if picked and (len(picked) >= limit or (max_megapixels is not None and total + job.megapixels > max_megapixels)):
+        if picked and (len(picked) >= limit or (max_megapixels is not None and total + job.megapixels > max_megapixels)
+                       or r.attempts >= ISOLATE_AFTER_ATTEMPTS or picked[0].attempts > ISOLATE_AFTER_ATTEMPTS):
             break
         picked.append(job)
         total += job.megapixels

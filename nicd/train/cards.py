@@ -1,0 +1,65 @@
+"""Model cards: `models/<id>.json` (machine-readable) and `models/<id>.md` (for people), with the
+rate–distortion table as measured by `nicd bench --update-card`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .export import _atomic_write_text
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:+.1f} %"
+
+
+def write_card(model_path: Path, summary: dict, command: str) -> None:
+    card_path = model_path.with_suffix(".json")
+    card = json.loads(card_path.read_text()) if card_path.exists() else {}
+    nicd = summary["codecs"]["nicd"]
+    card["kodak"] = {
+        "images": summary.get("count"),
+        "command": command,
+        "curve": nicd["curve"],
+        "curve_ms_ssim": nicd["curve_ms_ssim"],
+        "bd_rate_vs_jpeg": nicd["bd_rate_vs_jpeg"],
+        "bd_rate_vs_avif": nicd["bd_rate_vs_avif"],
+        "bytes_to_ssim_0.97": nicd["bytes_to_ssim_0.97"],
+        "encode_mpix_per_s": nicd["encode_mpix_per_s"],
+        "decode_mpix_per_s": nicd["decode_mpix_per_s"],
+        "baselines": {c: {"bd_rate_vs_jpeg": s["bd_rate_vs_jpeg"], "curve": s["curve"]}
+                      for c, s in summary["codecs"].items() if c != "nicd"},
+    }
+    _atomic_write_text(card_path, json.dumps(card, indent=2) + "\n")
+    arch, training = card.get("architecture", {}), card.get("training", {})
+    lines = [
+        f"# Model card: `{card.get('model_id', model_path.stem)}`",
+        "",
+        f"- **Architecture**: {arch.get('kind')} (N={arch.get('n')}, M={arch.get('m')}), "
+        f"{card.get('parameters', 0):,} parameters; variable rate (gain units), quality 1–8.",
+        f"- **Trained** on `shared/data/train` ({training.get('metric')} loss), {training.get('steps')} steps of "
+        f"{training.get('batch')}×{training.get('patch')}² patches, {training.get('device')} "
+        f"({training.get('threads')} thread(s), {training.get('hardware')}), {training.get('wall_seconds', 0) / 3600:.1f} h of training wall time.",
+        f"- **SHA-256**: `{card.get('sha256')}`",
+        "",
+        f"## Kodak ({card['kodak']['images']} images), measured by `{command}`",
+        "",
+        "| quality | bpp | PSNR (dB) | MS-SSIM |",
+        "|---:|---:|---:|---:|",
+    ]
+    ms = {round(p["bpp"], 6): p["ms_ssim"] for p in nicd["curve_ms_ssim"]}
+    for q, p in enumerate(nicd["curve"], start=1):
+        m = ms.get(round(p["bpp"], 6))
+        lines.append(f"| {q} | {p['bpp']:.3f} | {p['psnr']:.2f} | {'' if m is None else f'{m:.4f}'} |")
+    lines += [
+        "",
+        f"BD-rate against JPEG: **{_pct(nicd['bd_rate_vs_jpeg'])}**; against AVIF: {_pct(nicd['bd_rate_vs_avif'])} "
+        "(negative = fewer bits at equal PSNR). Baselines measured in the same run: "
+        + ", ".join(f"{c} {_pct(s['bd_rate_vs_jpeg'])}" for c, s in summary["codecs"].items() if c not in ("nicd", "jpeg"))
+        + " against JPEG.",
+        "",
+        f"Speed on the measuring machine: encode {nicd['encode_mpix_per_s']:.2f} MP/s (analysis + entropy coding, one image at a time), "
+        f"decode {nicd['decode_mpix_per_s']:.2f} MP/s.",
+        "",
+    ]
+    _atomic_write_text(model_path.with_suffix(".md"), "\n".join(lines))
