@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def codec():
 
 
 class NotifySocket:
-    """A datagram socket standing in for systemd's NOTIFY_SOCKET; collects every message."""
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET; a thread collects every message, as
+    systemd does (the kernel queues only net.unix.max_dgram_qlen datagrams for a reader that sleeps)."""
 
     def __init__(self, path: Path):
         self.path = str(path)
@@ -88,15 +90,22 @@ class NotifySocket:
         self.sock.bind(self.path)
         self.sock.settimeout(0.05)
         self.messages: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
 
-    def poll(self, seconds: float = 0.0) -> list[str]:
-        end = time.monotonic() + seconds
-        while True:
+    def _drain(self) -> None:
+        while not self._stop.is_set():
             try:
                 self.messages.append(self.sock.recv(65536).decode())
             except (socket.timeout, BlockingIOError):
-                if time.monotonic() >= end:
-                    return self.messages
+                pass
+            except OSError:
+                return
+
+    def poll(self, seconds: float = 0.0) -> list[str]:
+        time.sleep(seconds)
+        return list(self.messages)
 
     def wait_for(self, needle: str, timeout: float) -> bool:
         end = time.monotonic() + timeout
@@ -106,6 +115,8 @@ class NotifySocket:
         return any(needle in m for m in self.messages)
 
     def close(self) -> None:
+        self._stop.set()
+        self._thread.join(1)
         self.sock.close()
 
 

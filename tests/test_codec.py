@@ -254,7 +254,7 @@ def test_valid_container_with_garbage_streams_is_rejected(codec, small_file):
 
 GOLDEN_FIXTURES = {
     "kodim23-crop": lambda: kodak(23)[100:356, 200:456],
-    "gradient-65x33": lambda: np.dstack(np.meshgrid(np.arange(33) * 7 % 256, np.arange(65) * 3 % 256) + [np.full((65, 33), 128)]).astype(np.uint8),
+    "gradient-65x33": lambda: np.dstack([*np.meshgrid(np.arange(33) * 7 % 256, np.arange(65) * 3 % 256), np.full((65, 33), 128)]).astype(np.uint8),
 }
 
 

@@ -115,8 +115,10 @@ def test_crash_campaign_sigkill_at_random_moments(tmp_path, notify_socket, codec
     assert kills >= 20 and killed_while_working >= 5
 
     # a clean run finishes the rest
+    notify_socket.messages.clear()
     p = spawn_nicd("watch", "--config", cfg, env=env)
     try:
+        assert notify_socket.wait_for("READY=1", 30)
         assert _wait(lambda: set(_job_states(db_path).values()) == {"done"} and len(_job_states(db_path)) == len(originals)
                      and not any(os.path.exists(x) for x in originals), 90), _job_states(db_path)
     finally:
@@ -335,3 +337,72 @@ def test_status_on_a_missing_database_reports_zeros(tmp_path):
     assert body["jobs"] == {"pending": 0, "running": 0, "done": 0, "failed": 0, "skipped": 0}
     assert body["database_exists"] is False and body["daemon"]["state"] == "not running"
     assert not (tmp_path / "none").exists()  # a reader never creates the database
+
+
+def test_sd_notify_messages_and_a_full_receiver_never_blocks(tmp_path):
+    import socket
+
+    from nicd.daemon.notify import Notifier
+
+    path = tmp_path / "n.sock"
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(path))
+    try:
+        n = Notifier({"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "4000000"})
+        assert n.enabled and n.watchdog_interval() == 2.0
+        assert n.ready(status="ok")
+        assert rx.recv(100) == b"READY=1\nSTATUS=ok"
+        t0 = time.monotonic()
+        for _ in range(200):  # nobody reads: the kernel queue fills up; sends are dropped, not blocked
+            n.status("x")
+        assert time.monotonic() - t0 < 2 and n.dropped > 0
+        n.close()
+    finally:
+        rx.close()
+    assert Notifier({}).ready() is False  # outside systemd: a no-op
+
+
+def test_journal_lines_carry_priority_prefixes(tmp_path):
+    import logging
+
+    from nicd.daemon.logs import setup_logging
+
+    out = open(tmp_path / "log", "w+")
+    st = os.fstat(out.fileno())
+    setup_logging("INFO", stream=out, env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    logging.getLogger("nicd.test").warning("disk %s", "full")
+    logging.getLogger("nicd.test").info("hello")
+    logging.getLogger("nicd.test").debug("hidden")
+    out.seek(0)
+    assert out.read().splitlines() == ["<4>nicd.test: disk full", "<6>nicd.test: hello"]
+    out.close()
+    other = open(tmp_path / "log2", "w+")
+    setup_logging("INFO", stream=other, env={"JOURNAL_STREAM": "1:2"})  # stderr is not the journal stream
+    logging.getLogger("nicd.test").error("boom")
+    other.seek(0)
+    line = other.read()
+    assert not line.startswith("<") and "ERROR" in line and "boom" in line
+    other.close()
+    logging.getLogger("nicd").handlers.clear()
+
+
+def test_systemd_unit_is_hardened_and_valid(tmp_path):
+    from conftest import REPO
+
+    unit = (REPO / "deploy" / "nicd.service").read_text()
+    lines = {ln.split("=", 1)[0]: ln.split("=", 1)[1] for ln in unit.splitlines() if "=" in ln and not ln.startswith("#")}
+    assert lines["Type"] == "notify" and lines["MemoryDenyWriteExecute"] == "no"
+    assert lines["RestartPreventExitStatus"] == "78" and lines["KillMode"] == "mixed"
+    assert "nicd watch" in lines["ExecStart"] and lines["NoNewPrivileges"] == "yes"
+    assert lines["ProtectSystem"] == "strict" and lines["RestrictAddressFamilies"] == "AF_UNIX"
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed")
+    fake = tmp_path / "nicd"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    u = tmp_path / "nicd.service"
+    u.write_text(unit.replace("/opt/nicd/venv/bin/nicd", str(fake)))
+    r = subprocess.run([analyze, "verify", str(u)], capture_output=True, text=True, timeout=60)
+    problems = [ln for ln in (r.stdout + r.stderr).splitlines() if "nicd.service" in ln]
+    assert problems == [], problems

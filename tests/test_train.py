@@ -104,3 +104,16 @@ def test_pack_fits_budget(small_train, tmp_path):
     assert stats["images"] >= 1
     with np.load(tmp_path / "pack.npz") as f:
         assert all(f[k].shape == (96, 96, 3) for k in f.files)
+
+
+def test_factorized_prior_trains_exports_and_codes(small_train, tmp_path):
+    trainer = Trainer(opts(tmp_path / "run", small_train, steps=3, kind="factorized"))
+    trainer.run()
+    info = export_checkpoint(tmp_path / "run" / "checkpoint.pt", "fact", tmp_path / "models")
+    loaded, frozen = registry.load(info.model_id, tmp_path / "models")
+    assert frozen.kind == "factorized"
+    codec = Codec(loaded, frozen, pick_device("cpu"))
+    rgb = np.asarray(Image.open(sorted(small_train.glob("*.png"))[1]).convert("RGB"))[:77, :93]
+    res = codec.encode(load_image(Image.fromarray(np.ascontiguousarray(rgb))), quality=6)
+    assert abs(len(res.data) - res.estimated_bits / 8) < 0.05 * len(res.data) + 200
+    assert codec.decode_rgb(res.data).shape == rgb.shape

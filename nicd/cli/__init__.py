@@ -15,7 +15,8 @@ app = typer.Typer(
 
 from . import codec_cmds  # noqa: E402,F401  (registers encode/decode/info/models/train/bench)
 
-from . import service_cmds  # noqa: E402,F401  (registers watch/scan/status/db/restore/report/check)
+from . import service_cmds  # noqa: E402,F401  (registers watch/scan/status/db)
+from . import archive_cmds  # noqa: E402,F401  (registers restore/report/check)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ class Notifier:
             self.address = addr
         self._sock: socket.socket | None = None
         self._warned = False
+        self.dropped = 0
         self._lock = threading.Lock()
         usec = env.get("WATCHDOG_USEC")
         pid = env.get("WATCHDOG_PID")
@@ -51,8 +52,15 @@ class Notifier:
             try:
                 if self._sock is None:
                     self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    # Never block: a receiver that stopped reading (its queue holds only
+                    # net.unix.max_dgram_qlen datagrams) must not wedge the daemon, nor its SIGTERM path.
+                    self._sock.setblocking(False)
                 self._sock.sendto(msg, self.address)
                 return True
+            except BlockingIOError:
+                self.dropped += 1
+                log.debug("sd_notify queue full: %r dropped", lines)
+                return False
             except OSError as exc:
                 if not self._warned:
                     log.warning("sd_notify to %r failed: %s", os.environ.get("NOTIFY_SOCKET"), exc)

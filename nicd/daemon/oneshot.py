@@ -192,6 +192,9 @@ def scan(roots: Iterable[str], config: Config, progress_callback: Callable[[Scan
                         result.nicd_bytes += r.nicd_bytes or 0
                         result.original_bytes += r.original_bytes or 0
                         result.jpeg_bytes_at_equal_ssim += r.jpeg_bytes_at_equal_ssim or 0
+            done_shas = [r.content_sha256 for r in rows.values() if r.state == "done"]
+            if done_shas:  # also the files whose content was coded before (a copy, or an earlier run)
+                policy.apply(done_shas)
             for c in chunk:
                 v = verdicts.get(c.path)
                 if v is None:

@@ -37,7 +37,7 @@ class OriginalsPolicy:
         self.codec = codec
         self.deleted = 0
 
-    def apply(self, shas: Iterable[str] | None = None) -> int:
+    def apply(self, shas: Iterable[str] | None = None, should_stop=lambda: False) -> int:
         """Apply the policy to the given contents (or every eligible file). Returns the number deleted."""
         if self.policy != "delete":
             return 0
@@ -58,6 +58,8 @@ class OriginalsPolicy:
         n = 0
         verified: dict[str, bool] = {}
         for path, sha in rows:
+            if should_stop():
+                break
             if path in done_before:
                 continue  # restored by the user after nicd deleted it once: never delete again
             if sha not in verified:

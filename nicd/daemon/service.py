@@ -203,12 +203,24 @@ class Discovery:
 
 
 class WorkerLoop:
-    def __init__(self, worker: Worker, stop: threading.Event, work_available: threading.Event, store: Store):
+    def __init__(self, worker: Worker, stop: threading.Event, work_available: threading.Event, store: Store,
+                 sweep_seconds: float = 1800.0):
         self.worker = worker
         self.stop = stop
         self.work_available = work_available
         self.store = store
         self.backoff = 0.0
+        self.sweep_seconds = sweep_seconds
+        self.next_sweep = 0.0  # the first idle moment: originals left behind by a crash after a commit
+
+    def sweep(self) -> None:
+        """Apply the originals policy to every eligible file (idempotent)."""
+        policy = self.worker.policy
+        if policy is not None and policy.policy != "keep":
+            n = policy.apply(None, should_stop=self.stop.is_set)
+            if n:
+                log.info("originals policy: %d files handled on the sweep", n)
+        self.next_sweep = time.monotonic() + self.sweep_seconds
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -223,6 +235,13 @@ class WorkerLoop:
                 self.stop.wait(self.backoff)
                 continue
             if verdicts is None:
+                if time.monotonic() >= self.next_sweep:
+                    try:
+                        self.sweep()
+                    except StorageError as exc:
+                        log.error("originals sweep: %s [%s]", exc, exc.code)
+                        self.next_sweep = time.monotonic() + 60
+                    continue
                 self.work_available.wait(2.0)
                 self.work_available.clear()
 
@@ -306,7 +325,7 @@ def _serve(config: Config, stop_event: threading.Event, notifier: Notifier, stor
         threads[name] = t
         t.start()
 
-    loop = WorkerLoop(worker, stop_intake, work_available, store)
+    loop = WorkerLoop(worker, stop_intake, work_available, store, sweep_seconds=max(60.0, discovery.rescan_seconds))
     start_thread("discovery", discovery.run)
     start_thread("worker", loop.run)
     _heartbeat(store, owner, "running", "ready", worker, watcher)

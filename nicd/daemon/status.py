@@ -63,14 +63,16 @@ def status(config: Config) -> dict:
                                       .where(Bitstream.created_at >= since)).one()
                 out["throughput"] = {"images_last_hour": hn, "images_per_minute": round(hn / 60.0, 3),
                                      "original_bytes_per_second": round(int(hb) / 3600.0, 1)}
+                a_path = (select(func.min(File.path)).where(File.content_sha256 == Job.content_sha256)
+                          .correlate(Job).scalar_subquery())
                 fails = conn.execute(
-                    select(Job.content_sha256, Job.error_code, Job.error_message, Job.finished_at)
+                    select(a_path, Job.error_code, Job.error_message, Job.finished_at, Job.content_sha256)
                     .where(Job.state == "failed").order_by(Job.finished_at.desc()).limit(5)).all()
                 file_fails = conn.execute(
                     select(File.path, File.error_code, File.error_message, File.updated_at)
                     .where(File.state == "failed").order_by(File.updated_at.desc()).limit(5)).all()
                 out["recent_failures"] = (
-                    [{"content_sha256": r[0], "code": r[1], "message": r[2], "at": _iso(r[3])} for r in fails]
+                    [{"path": r[0], "content_sha256": r[4], "code": r[1], "message": r[2], "at": _iso(r[3])} for r in fails]
                     + [{"path": r[0], "code": r[1], "message": r[2], "at": _iso(r[3])} for r in file_fails]
                 )
                 return out

@@ -1,14 +1,16 @@
 """Alembic, driven from code: ``nicd db upgrade`` and the schema check at start.
 
-The migration scripts live in ``migrations/`` at the repository root. An installed nicd finds them as
-``nicd/_migrations`` (the wheel maps the folder there, see pyproject.toml); a source checkout or an
-editable install finds them next to the package. ``$NICD_MIGRATIONS`` overrides both.
+The migration scripts live in ``migrations/`` at the repository root. A source checkout or an editable
+install finds them next to the package; a wheel installs them as data files under
+``<prefix>/share/nicd/migrations`` (as the models go to ``share/nicd/models``). ``$NICD_MIGRATIONS``
+overrides both.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +32,10 @@ UPGRADE_HINT = "run `nicd db upgrade`"
 def migrations_dir() -> Path:
     env = os.environ.get("NICD_MIGRATIONS")
     pkg = Path(__file__).resolve().parent.parent  # .../nicd
-    candidates = ([Path(env)] if env else []) + [pkg / "_migrations", pkg.parent / "migrations"]
+    candidates = ([Path(env)] if env else []) + [
+        pkg.parent / "migrations",  # a source checkout or an editable install
+        Path(sys.prefix) / "share" / "nicd" / "migrations",  # a wheel install (data-files)
+    ]
     for c in candidates:
         if (c / "env.py").is_file() and (c / "versions").is_dir():
             return c

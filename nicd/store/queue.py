@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .models import JOB_STATES, Bitstream, Content, Job, utcnow
 
-MAX_ATTEMPTS = 5
+MAX_ATTEMPTS = 8  # a kill-looping image is given up after this many claims (systemd restarts in between)
 LEASE_SECONDS = 600.0
 # A job whose worker already died once while holding it is retried alone: a poison image (one that kills
 # the process) then only ever takes itself down, never the rest of its batch.
