@@ -174,3 +174,52 @@ def test_readers_never_meet_database_is_locked_while_a_writer_writes(archive, tm
         store.close()
     # and the writer's transaction committed normally afterwards
     assert _sql(db, "SELECT count(*) FROM events WHERE kind = 'test_hold'") == [(1,)]
+
+
+def test_readers_run_while_a_writer_commits_and_checkpoints_in_a_loop(archive, tmp_path):
+    """Short write transactions and WAL checkpoints (TRUNCATE) as the daemon makes them, in a thread,
+    while the readers run over and over: none fails."""
+    import threading
+
+    from sqlalchemy import text
+
+    from nicd.archive.check import check
+    from nicd.archive.report import report
+    from nicd.archive.restore import restore
+    from nicd.config import load_config
+    from nicd.store.engine import Store
+
+    cfg_path, photos, db = archive
+    cfg = load_config(cfg_path)
+    stop = threading.Event()
+    writes, errors = [0], []
+
+    def writer():
+        store = Store(f"sqlite:///{db}")
+        try:
+            while not stop.is_set():
+                with store.write() as conn:
+                    conn.execute(text("INSERT INTO events (at, kind, detail) VALUES ('2024-01-01', 'load', :d)"),
+                                 {"d": "x" * 2000})
+                    time.sleep(0.002)  # hold the write transaction a little
+                writes[0] += 1
+                if writes[0] % 25 == 0:
+                    store.checkpoint()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+        finally:
+            store.close()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for i in range(4):
+            assert report(cfg).total["images"] == 3
+            assert check(cfg).ok
+            res = restore([photos], cfg, out=tmp_path / f"out{i}")
+            assert res.ok and res.count("restored") == 3
+    finally:
+        stop.set()
+        t.join(10)
+    assert not errors, errors
+    assert writes[0] > 10

@@ -139,3 +139,31 @@ def test_a_database_not_created_yet_gives_an_empty_report(tmp_path):
     r = runner.invoke(app, ["report", "--config", str(cfg), "--plot", str(tmp_path / "empty.png")])
     assert r.exit_code == 0 and "no images stored yet" in r.stdout
     assert (tmp_path / "empty.png").exists()
+
+
+def test_path_selection_is_exact_on_both_sql_forms():
+    """The SQLite range form and the portable substr form select the same rows: whole path components,
+    case-sensitive, no wildcards."""
+    from sqlalchemy import Column, Integer, MetaData, Table, Text, create_engine, select
+
+    from nicd.archive import path_filter
+
+    paths = ["/p/a", "/p/a/x.png", "/p/a/b/y.png", "/p/ab/z.png", "/p/a b/q.png", "/p/a0/r.png", "/p/A/s.png",
+             "/p/a_/t.png", "/p/a%/u.png", "/p/é/v.png", "/p/é/w/x.png", "/q/a/x.png"]
+    md = MetaData()
+    t = Table("t", md, Column("id", Integer, primary_key=True), Column("path", Text))
+    eng = create_engine("sqlite://")
+    md.create_all(eng)
+    with eng.begin() as conn:
+        conn.execute(t.insert(), [{"path": p} for p in paths])
+        for prefix, expected in [
+            ("/p/a", {"/p/a", "/p/a/x.png", "/p/a/b/y.png"}),
+            ("/p/a/", {"/p/a", "/p/a/x.png", "/p/a/b/y.png"}),
+            ("/p/a_", {"/p/a_/t.png"}),
+            ("/p/é", {"/p/é/v.png", "/p/é/w/x.png"}),
+            ("/p/a/x.png", {"/p/a/x.png"}),
+            ("/", set(paths)),
+        ]:
+            for dialect in ("sqlite", "postgresql"):
+                got = set(conn.execute(select(t.c.path).where(path_filter(t.c.path, prefix, dialect))).scalars())
+                assert got == expected, (prefix, dialect, got)

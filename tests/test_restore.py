@@ -101,7 +101,7 @@ def test_restore_deleted_originals_to_their_paths(archive, tmp_path):
 
     r = runner.invoke(app, ["restore", str(photos), "--config", str(cfg)])
     assert r.exit_code == 0, r.output
-    assert "4 files restored" in r.stdout
+    assert "4 files restored to their original paths" in r.stdout
 
     after = _originals(photos)
     assert sorted(after) == sorted(before)
@@ -218,7 +218,7 @@ def test_dry_run_writes_nothing(archive, tmp_path):
         else:
             assert statuses["one.png"] == "would_restore" and statuses["two.jpg"] == "present"
     r = runner.invoke(app, ["restore", str(photos), "--dry-run", "--out", str(out), "--config", str(cfg)])
-    assert r.exit_code == 0 and "4 files would be restored" in r.stdout
+    assert r.exit_code == 0 and f"4 files would be restored under {out}" in r.stdout
     assert not out.exists()
     assert not (photos / "a" / "one.png").exists()
     assert not _temp_files(tmp_path)
@@ -280,7 +280,7 @@ def test_a_damaged_bitstream_fails_its_file_only(archive, tmp_path):
     r = runner.invoke(app, ["restore", str(photos), "--out", str(out), "--config", str(cfg)])
     assert r.exit_code == 1
     assert f"{photos / 'a' / 'two.jpg'}:" in r.stderr and "[E_BITSTREAM_SHA256]" in r.stderr
-    assert "3 files restored" in r.stdout
+    assert f"3 files restored under {out}" in r.stdout
     assert not (out / "a" / "two.jpg").exists()
 
 

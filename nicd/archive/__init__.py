@@ -19,16 +19,16 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, TypeVar
 
-from sqlalchemy import and_, or_
+from sqlalchemy import and_, func, or_
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from ..config import Config
 from ..errors import StorageError
 
-__all__ = ["Reader", "normalize_path", "path_filter", "under_any"]
+__all__ = ["Reader", "normalize_path", "path_filter"]
 
 T = TypeVar("T")
 
@@ -41,23 +41,22 @@ def normalize_path(path: str | os.PathLike) -> str:
     return os.path.normpath(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
-def path_filter(column, path: str):
-    """SQL condition: ``column`` is ``path`` or lies under the folder ``path``.
+def path_filter(column, path: str, dialect: str = "sqlite"):
+    """SQL condition: ``column`` is ``path`` or lies under the folder ``path`` (whole components only:
+    ``/a/b`` is not under ``/a/bc``).
 
-    A range on the string (``p/`` <= x < ``p0``, since ``0`` follows ``/`` in ASCII) rather than LIKE:
-    exact (SQLite's LIKE ignores ASCII case and treats ``%``/``_`` as wildcards) and index-friendly.
+    Not LIKE, which is inexact (SQLite's ignores ASCII case; ``%`` and ``_`` are wildcards). On SQLite
+    (binary collation) a range on the string — ``p/`` <= x < ``p0``, since ``0`` follows ``/`` — which
+    the unique index on ``files.path`` serves; elsewhere (a server's collation may not sort bytewise)
+    an exact prefix comparison with ``substr``.
     """
     if path == os.sep:
         return column.is_not(None)
-    prefix = path.rstrip(os.sep) + os.sep
-    return or_(column == path, and_(column >= prefix, column < path.rstrip(os.sep) + chr(ord(os.sep) + 1)))
-
-
-def under_any(path: str, prefixes: Iterable[str]) -> bool:
-    for p in prefixes:
-        if p == os.sep or path == p or path.startswith(p.rstrip(os.sep) + os.sep):
-            return True
-    return False
+    base = path.rstrip(os.sep)
+    prefix = base + os.sep
+    if dialect == "sqlite":
+        return or_(column == base, and_(column >= prefix, column < base + chr(ord(os.sep) + 1)))
+    return or_(column == base, func.substr(column, 1, len(prefix)) == prefix)
 
 
 class Reader:
@@ -75,6 +74,7 @@ class Reader:
         path = sqlite_file(self.url)
         self.exists = path is None or os.path.exists(path)
         self.engine = create_reader_engine(self.url) if self.exists else None
+        self.dialect = self.engine.dialect.name if self.engine is not None else "sqlite"
         if self.engine is not None:
             try:
                 self.run(self._check_schema)

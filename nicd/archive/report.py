@@ -116,7 +116,7 @@ def _rows(reader: Reader, path: str | None) -> list:
             stmt = select(*cols).select_from(Bitstream).outerjoin(File, File.content_sha256 == Bitstream.content_sha256)
         else:
             stmt = (select(*cols).select_from(Bitstream).join(File, File.content_sha256 == Bitstream.content_sha256)
-                    .where(path_filter(File.path, path)))
+                    .where(path_filter(File.path, path, reader.dialect)))
         return conn.execute(stmt.order_by(Bitstream.content_sha256, File.id)).all()
 
     return reader.run(q)

@@ -234,7 +234,7 @@ def select_rows(reader: Reader, paths: list[str]) -> list[_Row]:
             select(File.path, File.root, File.content_sha256, File.mtime_ns, Bitstream.original_format,
                    Bitstream.original_bytes, Bitstream.width, Bitstream.height)
             .join(Bitstream, Bitstream.content_sha256 == File.content_sha256)
-            .where(path_filter(File.path, p))
+            .where(path_filter(File.path, p, reader.dialect))
             .order_by(File.path)
         ).all()
 
@@ -246,7 +246,7 @@ def select_rows(reader: Reader, paths: list[str]) -> list[_Row]:
             if real != p:
                 found = reader.run(lambda conn: q(conn, real))
         if not found:
-            raise InputError(f"nothing is recorded at or under {p} in the database {reader.database}",
+            raise InputError(f"no stored image is recorded at or under {p} (database {reader.database})",
                              code="E_NOT_FOUND", path=p)
         for r in found:
             rows[r[0]] = _Row(*r)

@@ -116,9 +116,9 @@ def restore(
 
     A file is written to its original path only where no file is there (--force replaces another
     file, never an unchanged original); with --out, under that folder with the layout relative to
-    each watch root. Original format by default (PNG stays lossless, JPEG/WebP at quality 95), original size and mode
-    (alpha), ICC profile and EXIF restored. Every file is written atomically. Exit 1 if any file fails;
-    the failures are listed with their error codes.
+    each watch root. Original format by default (PNG stays lossless, JPEG/WebP at quality 95),
+    original size and mode (alpha), ICC profile and EXIF restored. Every file is written atomically.
+    Exit 1 if any file fails; the failures are listed with their error codes.
 
     Example: nicd restore /srv/photos/2024 --out /tmp/restored
     """
@@ -149,19 +149,20 @@ def restore(
 
     if dry_run:
         rows = [(escape(i.path), escape(i.target), i.format, i.status.replace("_", " "),
-                 escape(i.message or "") + (f" [{i.code}]" if i.code else "")) for i in result.items]
+                 escape((i.message or "") + (f" [{i.code}]" if i.code else ""))) for i in result.items]
         stdout.print(table("restore --dry-run: nothing written", ["file", "would be written to", "format", "action", "note"], rows))
     n_ok = result.count("restored")
     written = sum(i.bytes for i in result.items if i.status == "restored")
-    parts = [f"{result.count('would_restore')} files would be restored" if dry_run
-             else f"{n_ok} files restored ({_mb(written)})"]
+    where = f"under {result.out}" if result.out else "to their original paths"
+    parts = [f"{result.count('would_restore')} files would be restored {where}" if dry_run
+             else f"{n_ok} files restored {where} ({_mb(written)})"]
     if result.count("present"):
         parts.append(f"{result.count('present')} left alone (the original is there, unchanged)")
     if result.count("exists"):
         parts.append(f"{result.count('exists')} skipped (a file is already there; --force replaces it)")
     if result.failures:
         parts.append(f"{len(result.failures)} failed")
-    stdout.print(", ".join(parts), markup=False, highlight=False)
+    stdout.print(", ".join(parts), markup=False, highlight=False, soft_wrap=True)
     if result.failures:
         stderr.print("failed:", markup=False)
         for i in result.failures:
@@ -230,9 +231,9 @@ def report(
                lambda g: [_num(g["bpp"], ".3f"), _num(g["mean_psnr"], ".2f"), _num(g["mean_ssim"], ".4f"),
                           _num(g["mean_ms_ssim"], ".4f")])
     if not t["images"]:
-        stdout.print("no images stored yet" + (f" under {rep.path}" if rep.path else ""), markup=False)
+        stdout.print("no images stored yet" + (f" under {rep.path}" if rep.path else ""), markup=False, soft_wrap=True)
     if plotted:
-        stdout.print(f"plot written to {plotted}", markup=False, highlight=False)
+        stdout.print(f"plot written to {plotted}", markup=False, highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------------------------ check
@@ -249,7 +250,8 @@ def check(
 
     Checks each bitstream's length, SHA-256 and container checksums, its recorded size and that its
     model is installed; --full also decodes it and, where the original file still exists, compares
-    PSNR / SSIM / MS-SSIM with the figures recorded at coding time. Read-only. Exit 1 when anything is wrong, naming each file and error code.
+    PSNR / SSIM / MS-SSIM with the figures recorded at coding time. Read-only. Exit 1 when anything
+    is wrong, naming each file and error code.
 
     Example: nicd check --full --json
     """
@@ -274,7 +276,7 @@ def check(
     if full:
         line += (f"; {d['compared_with_original']} compared with their originals, "
                  f"{d['originals_gone']} without an original left")
-    stdout.print(line, markup=False, highlight=False)
+    stdout.print(line, markup=False, highlight=False, soft_wrap=True)
     if result.problems:
         stderr.print(f"{len(result.problems)} problems:", markup=False)
         for p in result.problems:

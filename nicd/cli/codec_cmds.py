@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import InputError, NicdError
+from ..errors import ConfigError, InputError, NicdError
 from . import app
 from .output import JSON_OPTION, fail, print_json, stderr, stdout, table
 
@@ -234,19 +234,33 @@ def train(
         if init_from and trainer.step == 0:
             from ..codec import registry
 
-            config, arrays = registry._read(registry.resolve(init_from))
-            trainer.model.load_state_dict(registry.model_from_arrays(config, arrays).state_dict())
+            start = registry.load_float_model(init_from)
+            if start.config() != trainer.model.config():
+                raise ConfigError(f"--init-from {init_from} is {start.config()}, this run is {trainer.model.config()}")
+            trainer.model.load_state_dict(start.state_dict())
     except NicdError as err:
         fail(err)
-    interactive = stderr.is_terminal
+    if not stderr.is_terminal:
+        def progress(p: dict) -> None:
+            if p.get("validation"):
+                stderr.print(json.dumps(p["validation"]), markup=False)
 
-    def progress(p: dict) -> None:
-        if p.get("validation"):
-            stderr.print(json.dumps(p["validation"]), markup=False)
-        elif interactive and p["step"] % 50 == 0:
-            stderr.print(f"step {p['step']}  loss {p['loss']:.3f}  bpp {p['bpp']:.3f}", markup=False)
+        summary = trainer.run(on_progress=progress)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    summary = trainer.run(on_progress=progress)
+        columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeRemainingColumn())
+        with Progress(*columns, console=stderr) as bar:
+            task = bar.add_task("train", total=opts.steps, completed=trainer.step, stats="")
+
+            def progress(p: dict) -> None:
+                bar.update(task, completed=p["step"], stats=f"loss {p['loss']:.3f} bpp {p['bpp']:.3f}")
+                if p.get("validation"):
+                    v = p["validation"]
+                    bar.console.print(f"step {v['step']}: " + "  ".join(
+                        f"q{q} {v[f'q{q}_bpp']:.3f} bpp {v[f'q{q}_psnr']:.2f} dB" for q in (1, 4, 8)), markup=False)
+
+            summary = trainer.run(on_progress=progress)
     print_json(summary)
 
 

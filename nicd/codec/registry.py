@@ -103,6 +103,11 @@ def model_from_arrays(config: dict, arrays: dict) -> CodecModel:
     return model.eval()
 
 
+def load_float_model(name: str, directory: Path | None = None) -> CodecModel:
+    """A shipped model's float transforms (to train further from them)."""
+    return model_from_arrays(*_read(resolve(name, directory)))
+
+
 @lru_cache(maxsize=8)
 def _load_cached(path: str, sha: str) -> tuple[ModelInfo, FrozenModel]:
     config, arrays = _read(Path(path))
