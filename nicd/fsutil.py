@@ -9,10 +9,16 @@ from pathlib import Path
 TEMP_PREFIX = ".nicd-tmp-"
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename in `path` durable. Filesystems that cannot fsync a directory are skipped."""
+    try:
+        fd = os.open(os.fspath(path) or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 

@@ -21,7 +21,7 @@ from ..errors import VerificationError
 from . import entropy
 from .density import gaussian_likelihood
 from .intnet import ACT_FRACTION, IntegerHyperSynthesis
-from .models import CodecModel, FactorizedPrior, MeanScaleHyperprior
+from .models import CodecModel, MeanScaleHyperprior
 from .tables import TableSet, factorized_tables, gaussian_tables, scale_table
 
 Z_LIMIT = 1 << 15  # |z| clip: keeps the integer network inside its proven exact range

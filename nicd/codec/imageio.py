@@ -88,6 +88,7 @@ import numpy as np
 from PIL import Image, ImageFile, PngImagePlugin, UnidentifiedImageError
 
 from ..errors import FormatError, InputError, NicdError, StorageError
+from ..fsutil import TEMP_PREFIX, fsync_dir
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -842,7 +843,7 @@ def save_image(image: Image.Image, path: str | os.PathLike, *, format: str | Non
     except OSError:
         perms = 0o666 & ~_umask()
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".nicd-tmp-", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     except OSError as err:
         raise StorageError(f"cannot create a file in {directory}: {_reason(err)}", path=path_s) from None
     try:
@@ -870,7 +871,7 @@ def save_image(image: Image.Image, path: str | os.PathLike, *, format: str | Non
         if isinstance(err, Exception) and not isinstance(err, NicdError):
             raise StorageError(f"cannot write {path_s}: {_reason(err)}", path=path_s) from err
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _output_format(path: str, format: str | None) -> str:
@@ -898,18 +899,6 @@ def _umask() -> int:
     return 0o022
 
 
-def _fsync_dir(directory: str) -> None:
-    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)
-    try:
-        fd = os.open(directory, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _has_alpha(im: Image.Image) -> bool:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelError
+from ..fsutil import atomic_write_bytes
 from .frozen import FrozenModel
 from .intnet import IntegerHyperSynthesis
 from .models import CodecModel, build_model
@@ -155,10 +156,5 @@ def export(model: CodecModel, name: str, directory: Path, extra_config: dict | N
     sha = hashlib.sha256(data).hexdigest()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}-{sha[:8]}.npz"
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, data)
     return ModelInfo(path.stem, path, sha, config)

@@ -22,6 +22,7 @@ from typing import Iterable
 from sqlalchemy import select
 
 from ..errors import NicdError
+from ..fsutil import fsync_dir
 from ..store import catalog
 from ..store.engine import Store
 from ..store.models import Bitstream, Event, File, Job
@@ -112,7 +113,7 @@ class OriginalsPolicy:
             with self.store.write() as conn:
                 catalog.add_event(conn, "delete_failed", path=path, sha256=sha, detail=str(exc))
             return False
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path))
         with self.store.write() as conn:
             catalog.mark_deleted(conn, path, sha)
         log.info("deleted original %s (bitstream stored and verified)", path)
@@ -136,14 +137,3 @@ def repair(store: Store) -> int:
     return n
 
 
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d or ".", os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

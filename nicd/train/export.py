@@ -6,23 +6,18 @@ The previous export of the same model name is replaced in place (weights files a
 from __future__ import annotations
 
 import json
-import os
 import platform
 from pathlib import Path
 
 import torch
 
 from ..codec import registry
+from ..fsutil import atomic_write_bytes
 from ..codec.models import build_model
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode())
 
 
 def export_checkpoint(checkpoint: Path, name: str, directory: Path, alias: str | None = None,

@@ -8,8 +8,8 @@ curve beside the checkpoint.
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 import random
 import signal
 import time
@@ -22,6 +22,7 @@ import torch
 
 from ..codec.models import LAMBDAS_MSE, LAMBDAS_MSSSIM, QUALITIES, build_model
 from ..errors import ConfigError
+from ..fsutil import atomic_write_bytes
 from .data import PatchSampler, load_images
 
 
@@ -86,12 +87,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 class Trainer:
