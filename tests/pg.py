@@ -30,7 +30,7 @@ import pytest
 SUPERUSER = "nicd"
 UNPRIVILEGED = 65534  # nobody / nogroup on Debian
 INSTALL_HINT = ("command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || "
-                "(apt-get update && apt-get install -y --no-install-recommends postgresql)")
+                "(apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends postgresql)")
 SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
 
 

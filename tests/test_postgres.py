@@ -141,7 +141,7 @@ def test_nicd_db_upgrade_and_status_commands(pg_url, tmp_path):
     assert out["changed"] is True and out["from"] is None and out["to"] == migrate.head_revision()
     assert out["database"].startswith("postgresql+psycopg://")
     r = run_nicd("db", "upgrade", "--config", cfg)
-    assert r.returncode == 0 and "already at" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and "already at" in " ".join(r.stdout.split()), r.stdout + r.stderr
     with Store(pg_url) as s, s.read() as conn:
         assert migrate.schema_state(conn)["ok"]
     r = run_nicd("status", "--json", "--config", cfg)
@@ -186,11 +186,12 @@ def _crasher(url: str) -> None:
     os._exit(0)
 
 
-def _worker(url: str, owner: str, start, out) -> None:
+def _worker(url: str, owner: str, ready, start, out) -> None:
     """The daemon's loop in small: recover expired leases, claim a batch, complete each job."""
     s = Store(url, take_lock=False)
     claimed: list[tuple[int, int]] = []
     try:
+        ready.put(owner)
         start.wait(60)
         while True:
             with s.write() as conn:
@@ -227,15 +228,23 @@ def test_three_processes_share_one_queue_and_expired_leases_are_taken_back(pg_ur
         dead = set(conn.execute(select(Job.id).where(Job.state == "running", Job.lease_owner == "crasher")).scalars())
     assert len(dead) == CRASHED
 
-    start, out = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(pg_url, f"w{k}", start, out)) for k in range(3)]
-    for p in procs:
-        p.start()
-    start.set()
-    results = dict(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
+    ready, start, out = ctx.Queue(), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(pg_url, f"w{k}", ready, start, out)) for k in range(3)]
+    try:
+        for p in procs:
+            p.start()
+        for _ in procs:  # all three started before any claims: they race for real
+            ready.get(timeout=60)
+        start.set()
+        results = dict(out.get(timeout=120) for _ in procs)
+        for p in procs:
+            p.join(30)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
 
     ids = [i for claimed in results.values() for i, _ in claimed]
     assert len(ids) == N_JOBS and len(set(ids)) == N_JOBS  # every job claimed once by the live workers

@@ -144,7 +144,9 @@ def claim_candidates_query(limit: int, job_ids: list[int] | None = None):
         .join(Content, Content.sha256 == Job.content_sha256)
         .where(Job.state == "pending")
         .order_by(Job.attempts, Job.id)
-        .limit(max(limit, 1) * 4)
+        # never more rows than a claim can take: on PostgreSQL every row read here stays locked until the
+        # claim commits, and the rows locked but not taken would be skipped by the other claimers meanwhile
+        .limit(max(limit, 1))
         .with_for_update(skip_locked=True, of=Job.__table__)
     )
     if job_ids is not None:
