@@ -186,7 +186,7 @@ def test_storage_errors_have_codes():
     from nicd.store.engine import translate_db_error
 
     assert translate_db_error(sqlite3.OperationalError("database or disk is full")).code == "E_NO_SPACE"
-    assert translate_db_error(sqlite3.OperationalError("database is locked")).code == "E_DB_LOCKED"
+    assert translate_db_error(sqlite3.OperationalError("database is locked")).code == "E_DB_BUSY"
     assert translate_db_error(sqlite3.DatabaseError("file is not a database")).code == "E_DB_CORRUPT"
 
 

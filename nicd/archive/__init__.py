@@ -105,7 +105,7 @@ class Reader:
                         return fn(conn)
             except (DBAPIError, sqlite3.Error) as exc:
                 err = translate_db_error(exc)
-                if err.code != "E_DB_LOCKED":
+                if err.code != "E_DB_BUSY":
                     raise err from exc
                 if attempt == BUSY_RETRIES:
                     waited = (BUSY_RETRIES + 1) * BUSY_TIMEOUT_MS // 1000

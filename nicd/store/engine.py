@@ -141,14 +141,16 @@ def create_reader_engine(url: str | URL) -> Engine:
 
 
 def translate_db_error(exc: BaseException) -> StorageError:
-    """Turn a driver error into a StorageError with a stable code (E_NO_SPACE, E_DB_LOCKED, ...)."""
+    """Turn a driver error into a StorageError with a stable code (E_NO_SPACE, E_DB_BUSY, ...)."""
     orig = getattr(exc, "orig", exc)
     text = str(orig)
     low = text.lower()
     if isinstance(orig, OSError) and orig.errno == errno.ENOSPC or "database or disk is full" in low or "no space" in low:
         return StorageError(f"database: disk full ({text})", code="E_NO_SPACE")
     if "database is locked" in low or "busy" in low:
-        return StorageError(f"database: busy for longer than {BUSY_TIMEOUT_MS // 1000} s ({text})", code="E_DB_LOCKED")
+        # the driver's own words ("database is locked") would read as a failure of nicd's locking
+        return StorageError(f"database: another process kept it busy for more than {BUSY_TIMEOUT_MS // 1000} s; try again",
+                            code="E_DB_BUSY")
     if "readonly" in low or "read-only" in low:
         return StorageError(f"database: read-only ({text})", code="E_DB_READONLY")
     if "malformed" in low or "not a database" in low or "corrupt" in low:
