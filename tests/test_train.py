@@ -117,3 +117,17 @@ def test_factorized_prior_trains_exports_and_codes(small_train, tmp_path):
     res = codec.encode(load_image(Image.fromarray(np.ascontiguousarray(rgb))), quality=6)
     assert abs(len(res.data) - res.estimated_bits / 8) < 0.05 * len(res.data) + 200
     assert codec.decode_rgb(res.data).shape == rgb.shape
+
+
+def test_ms_ssim_loss_trains(small_train, tmp_path):
+    big = tmp_path / "big"
+    big.mkdir()
+    for path in sorted(TRAIN.glob("*.png"))[:2]:
+        with Image.open(path) as im:
+            im.convert("RGB").resize((200, 180)).save(big / path.name)
+    trainer = Trainer(opts(tmp_path / "run", big, steps=2, patch=176, batch=2, metric="ms-ssim"))
+    losses = []
+    trainer.run(on_progress=lambda p: losses.append(p["loss"]))
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["options"]["metric"] == "ms-ssim"
