@@ -124,10 +124,17 @@ def test_ms_ssim_loss_trains(small_train, tmp_path):
     big.mkdir()
     for path in sorted(TRAIN.glob("*.png"))[:2]:
         with Image.open(path) as im:
-            im.convert("RGB").resize((200, 180)).save(big / path.name)
-    trainer = Trainer(opts(tmp_path / "run", big, steps=2, patch=176, batch=2, metric="ms-ssim"))
+            im.convert("RGB").resize((224, 200)).save(big / path.name)
+    trainer = Trainer(opts(tmp_path / "run", big, steps=2, patch=192, batch=2, metric="ms-ssim"))
     losses = []
     trainer.run(on_progress=lambda p: losses.append(p["loss"]))
     assert len(losses) == 2 and all(np.isfinite(losses))
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["options"]["metric"] == "ms-ssim"
+
+
+def test_patch_must_fit_the_model_stride(small_train, tmp_path):
+    from nicd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="patch"):
+        Trainer(opts(tmp_path / "run", small_train, patch=100))

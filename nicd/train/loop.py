@@ -107,6 +107,8 @@ class Trainer:
         torch.manual_seed(opts.seed)
         random.seed(opts.seed)
         self.model = build_model({"kind": opts.kind, "n": opts.n, "m": opts.m}).to(self.device)
+        if opts.patch % self.model.stride:
+            raise ConfigError(f"patch {opts.patch} must be a multiple of {self.model.stride} for a {opts.kind} model")
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=opts.lr)
         self.step = 0
         self.wall_seconds = 0.0
