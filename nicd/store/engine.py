@@ -224,8 +224,7 @@ class Store:
         return self._file_lock is not None
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[Connection]:
-        """A write transaction: committed on success, rolled back on any exception."""
+    def _transaction(self) -> Iterator[Connection]:
         with self._lock:
             try:
                 with self.engine.connect() as conn:
@@ -234,15 +233,13 @@ class Store:
             except DBAPIError as exc:
                 raise translate_db_error(exc) from exc
 
-    @contextlib.contextmanager
-    def read(self) -> Iterator[Connection]:
-        with self._lock:
-            try:
-                with self.engine.connect() as conn:
-                    with conn.begin():
-                        yield conn
-            except DBAPIError as exc:
-                raise translate_db_error(exc) from exc
+    def write(self):
+        """A write transaction (BEGIN IMMEDIATE on SQLite): committed on success, rolled back on any exception."""
+        return self._transaction()
+
+    def read(self):
+        """A transaction on the writer's connection, for reads that must see this process's own writes."""
+        return self._transaction()
 
     def execute_outside_transaction(self, sql: str, params: tuple = ()) -> list:
         """Run one SQLite statement in autocommit mode (VACUUM, checkpoints, PRAGMAs that refuse transactions)."""
