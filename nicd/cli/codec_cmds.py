@@ -136,29 +136,38 @@ def info(file: Path = typer.Argument(..., help="A .nicd file."), as_json: bool =
 
     try:
         data = _read_input(file)
-        c = container.parse(data)
+        header = container.peek_header(data)  # the header has its own CRC: readable even if the body is damaged
     except NicdError as err:
         fail(err, path=str(file), as_json=as_json)
+    problem = None
+    try:
+        parsed = container.parse(data)
+    except NicdError as err:
+        problem, parsed = err, None
     payload = {
         "file": str(file),
-        "format_version": container.FORMAT_VERSION,
-        "model_id": c.model_id,
-        "model_hash": c.model_hash.hex(),
-        "quality": c.quality,
-        "width": c.width,
-        "height": c.height,
-        "mode": c.mode,
+        "format_version": header.version,
+        "model_id": header.model_id,
+        "model_hash": header.model_hash.hex(),
+        "quality": header.quality,
+        "width": header.width,
+        "height": header.height,
+        "mode": header.mode,
         "bytes": len(data),
-        "bpp": 8 * len(data) / (c.width * c.height),
-        "tiles": len(c.tiles),
-        "tile_size": c.tile_size,
-        "metadata": {name: len(value) for name, value in c.metadata},
-        "checksum_ok": True,
+        "bpp": 8 * len(data) / (header.width * header.height),
+        "tiles": header.tile_count,
+        "tile_size": header.tile_size,
+        "metadata": {name: len(value) for name, value in parsed.metadata} if parsed else None,
+        "checksum_ok": problem is None,
     }
+    if problem is not None:
+        payload["error"] = problem.to_dict()
     if as_json:
         print_json(payload)
     else:
-        stdout.print(table(str(file), ["field", "value"], [(k, v) for k, v in payload.items() if k != "file"]))
+        stdout.print(table(str(file), ["field", "value"], [(k, v) for k, v in payload.items() if k not in ("file", "error")]))
+    if problem is not None:
+        fail(problem, path=str(file))
 
 
 @app.command()
