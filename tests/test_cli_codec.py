@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,10 +51,10 @@ def test_encode_decode_info_json(photos, tmp_path):
 
 
 def test_target_ssim_option(photos, tmp_path):
-    r = runner.invoke(app, ["encode", str(photos[0]), "-o", str(tmp_path / "a.nicd"), "--target-ssim", "0.8", "--json"])
+    r = runner.invoke(app, ["encode", str(photos[0]), "-o", str(tmp_path / "a.nicd"), "--target-ssim", "0.3", "--json"])
     assert r.exit_code == 0, r.output
     row = json.loads(r.stdout)
-    assert row["ssim"] >= 0.8 or not row["target_met"]
+    assert row["target_met"] and row["ssim"] >= 0.3
 
 
 @pytest.mark.parametrize("name, content, code", [
@@ -95,6 +96,32 @@ def test_decode_corrupt_file_one_line_nonzero(photos, tmp_path):
 def test_output_options_are_checked(photos, tmp_path):
     r = runner.invoke(app, ["encode", *map(str, photos), "-o", str(tmp_path / "x.nicd")])
     assert r.exit_code != 0 and "E_ARGS" in r.output
+    other = tmp_path / "other"
+    other.mkdir()
+    twin = other / photos[0].name
+    twin.write_bytes(photos[0].read_bytes())
+    r = runner.invoke(app, ["encode", str(photos[0]), str(twin), "--out-dir", str(tmp_path / "od")])
+    assert r.exit_code != 0 and "E_ARGS" in r.output and not (tmp_path / "od" / "photo3.nicd").exists()
+    (tmp_path / "afile").write_text("x")
+    r = runner.invoke(app, ["encode", str(photos[0]), "--out-dir", str(tmp_path / "afile")])
+    assert r.exit_code != 0 and "E_ARGS" in r.output
+
+
+def test_one_bad_input_does_not_stop_the_others(photos, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    proc = subprocess.run([sys.executable, "-m", "nicd", "encode", str(photos[0]), str(bad), "--out-dir", str(tmp_path / "od")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "bad.png" in proc.stderr and "E_NOT_IMAGE" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "od" / "photo3.nicd").exists() and not (tmp_path / "od" / "bad.nicd").exists()
+
+
+def test_fifo_input_is_refused_promptly(tmp_path):
+    fifo = tmp_path / "x.nicd"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-m", "nicd", "info", str(fifo)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "E_NOT_REGULAR_FILE" in proc.stderr
 
 
 def test_models_lists_default():

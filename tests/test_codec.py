@@ -98,6 +98,13 @@ def test_roundtrip_modes(codec, mode):
         assert np.array_equal(np.asarray(out.getchannel("A")), np.asarray(image.getchannel("A")))
     if mode == "P":
         assert out.getpalette() == image.getpalette()
+    # the pixels are the image's, not just its shape: compare in a common 8-bit view
+    def view(im):
+        if im.mode == "I;16":
+            return (np.asarray(im).astype(np.float64) / 257).round()
+        return np.asarray(im.convert("RGB")).astype(np.float64)
+
+    assert _psnr(view(image), view(out)) > 18, mode
 
 
 def test_icc_and_exif_are_carried(codec, tmp_path):
@@ -250,6 +257,39 @@ def test_valid_container_with_garbage_streams_is_rejected(codec, small_file):
                                      symbol_crc=t.symbol_crc) for t in c.tiles)
         forged = container.serialize(container.Container(**{**c.__dict__, "tiles": tiles}))
         _must_reject(codec, forged)
+
+
+def _forge(c: container.Container, **changes) -> bytes:
+    """A well-formed file (valid CRCs) with some fields changed: only the decoder's checks can refuse it."""
+    return container.serialize(container.Container(**{**c.__dict__, **changes}))
+
+
+def test_hostile_files_with_valid_checksums_are_refused(codec, small_file):
+    import zlib
+
+    c = container.parse(small_file)
+    tile = c.tiles[0]
+    esc = bytes([0xFF] * 9 + [0x7F])  # a 10-byte varint: a value far beyond any latent
+    cases = {
+        "tile size": _forge(c, tile_size=2048),
+        "huge image": _forge(c, width=46000, height=46000, tile_size=1024,
+                             tiles=tuple(tile for _ in range(45 * 45))),
+        "mode": _forge(c, mode="XYZ"),
+        "escape overflow": _forge(c, tiles=(container.Tile(streams=(tile.streams[0], esc), symbol_crc=tile.symbol_crc),)),
+        "gray mapping": _forge(c, mode="I", metadata=(("info", b'{"gray": {"offset": "x", "scale": [1]}}'),)),
+        "deep json": _forge(c, metadata=(("info", b"[" * 100000 + b"]" * 100000),)),
+        "alpha garbage": _forge(c, mode="RGBA", metadata=(("alpha", zlib.compress(b"\x01\x02")),)),
+    }
+    for name, data in cases.items():
+        try:
+            codec.decode(data)
+        except (FormatError, VerificationError):
+            continue
+        raise AssertionError(f"{name}: decoded")
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return 10 * np.log10(255**2 / max(np.mean((a.astype(float) - b.astype(float)) ** 2), 1e-9))
 
 
 GOLDEN_FIXTURES = {

@@ -83,6 +83,10 @@ def test_export_encode_decode(small_train, tmp_path):
     trainer2.run()
     info2 = export_checkpoint(tmp_path / "run" / "checkpoint.pt", "tiny", tmp_path / "models")
     assert sorted(p.name for p in (tmp_path / "models").glob("tiny-*.npz")) == [info2.path.name]
+    # a model whose name merely starts with "tiny" is another model: never touched
+    other = export_checkpoint(tmp_path / "run" / "checkpoint.pt", "tiny-big", tmp_path / "models")
+    export_checkpoint(tmp_path / "run" / "checkpoint.pt", "tiny", tmp_path / "models")
+    assert other.path.exists()
 
 
 def test_tampered_weights_are_refused(small_train, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -10,7 +11,7 @@ import typer
 
 from ..errors import ConfigError, InputError, NicdError
 from . import app
-from .output import JSON_OPTION, fail, print_json, stderr, stdout, table
+from .output import JSON_OPTION, error_line, fail, print_json, stderr, stdout, table
 
 DEVICE_OPTION = typer.Option("auto", "--device", help="auto | cpu | cuda")
 MODEL_OPTION = typer.Option("default", "--model", "-m", help="Model name, alias or .npz path (see `nicd models`).")
@@ -23,8 +24,22 @@ def _outputs(inputs: List[Path], out: Optional[Path], out_dir: Optional[Path], s
         if len(inputs) != 1:
             raise InputError("-o/--output takes one input; use --out-dir for several", code="E_ARGS")
         return [out]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return [out_dir / (p.stem + suffix) for p in inputs]
+    targets = [out_dir / (p.stem + suffix) for p in inputs]
+    if len(set(targets)) != len(targets):
+        raise InputError("two inputs share a name and would write the same file in --out-dir", code="E_ARGS")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot use --out-dir: {exc.strerror}", code="E_ARGS", path=str(out_dir)) from None
+    return targets
+
+
+def _report_failures(failures: list[tuple[Exception, str]]) -> None:
+    """One line per failed file on stderr, then a non-zero exit."""
+    for err, path in failures[:-1]:
+        stderr.print(error_line(err, path), markup=False)
+    if failures:
+        fail(failures[-1][0], path=failures[-1][1])
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -52,23 +67,31 @@ def encode(
     from ..codec.api import load_codec
     from ..codec.imageio import load_image
 
+    failures: list[tuple[Exception, str]] = []
     try:
         targets = _outputs(inputs, output, out_dir, ".nicd")
         codec = load_codec(model, device)
-        prepared = [load_image(p) for p in inputs]
-        results = codec.encode_batch(prepared, quality=quality, target_ssim=target_ssim, target_psnr=target_psnr)
+        # a bad input fails alone: the others are still encoded
+        loaded = []
+        for src, dst in zip(inputs, targets):
+            try:
+                loaded.append((src, dst, load_image(src)))
+            except NicdError as err:
+                failures.append((err, str(src)))
+        results = codec.encode_batch([p for _, _, p in loaded], quality=quality, target_ssim=target_ssim,
+                                     target_psnr=target_psnr)
     except NicdError as err:
         fail(err, as_json=as_json)
-    rows, failed = [], None
-    for src, dst, res in zip(inputs, targets, results):
+    rows = [{"input": path, "error": err.to_dict() if isinstance(err, NicdError) else str(err)} for err, path in failures]
+    for (src, dst, _), res in zip(loaded, results):
         if isinstance(res, NicdError):
-            failed = failed or (res, str(src))
+            failures.append((res, str(src)))
             rows.append({"input": str(src), "error": res.to_dict()})
             continue
         try:
             _write_atomic(dst, res.data)
         except OSError as exc:
-            failed = failed or (exc, str(dst))
+            failures.append((exc, str(dst)))
             continue
         rows.append({"input": str(src), "output": str(dst), **res.to_dict()})
     if as_json:
@@ -79,8 +102,7 @@ def encode(
             stdout.print(table(None, ["input", "output", "q", "bytes", "bpp", "PSNR", "SSIM", "MS-SSIM"], [
                 (r["input"], r["output"], r["quality"], r["bytes"], f"{r['bpp']:.3f}", f"{r['psnr']:.2f}",
                  f"{r['ssim']:.4f}", "-" if r["ms_ssim"] is None else f"{r['ms_ssim']:.4f}") for r in ok]))
-    if failed:
-        fail(failed[0], path=failed[1], as_json=False)
+    _report_failures(failures)
 
 
 @app.command()
@@ -100,30 +122,40 @@ def decode(
 
     try:
         targets = _outputs(inputs, output, out_dir, ".png")
-        rows = []
-        for src, dst in zip(inputs, targets):
+    except NicdError as err:
+        fail(err, as_json=as_json)
+    rows, failures = [], []
+    for src, dst in zip(inputs, targets):
+        try:
             data = _read_input(src)
             image = decoder_for(data, device).decode(data)
             save_image(image, dst)
-            rows.append({"input": str(src), "output": str(dst), "width": image.width, "height": image.height, "mode": image.mode})
-    except NicdError as err:
-        fail(err, path=getattr(err, "path", None) or (str(src) if "src" in locals() else None), as_json=as_json)
+        except NicdError as err:
+            failures.append((err, str(src)))
+            rows.append({"input": str(src), "error": err.to_dict()})
+            continue
+        rows.append({"input": str(src), "output": str(dst), "width": image.width, "height": image.height, "mode": image.mode})
     if as_json:
         print_json(rows if len(rows) != 1 else rows[0])
     else:
         stdout.print(table(None, ["input", "output", "size", "mode"],
-                           [(r["input"], r["output"], f"{r['width']}×{r['height']}", r["mode"]) for r in rows]))
+                           [(r["input"], r["output"], f"{r['width']}×{r['height']}", r["mode"]) for r in rows if "error" not in r]))
+    _report_failures(failures)
 
 
 def _read_input(path: Path) -> bytes:
+    import stat
+
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device would block or never end
+            raise InputError("not a regular file", code="E_NOT_REGULAR_FILE", path=str(path))
         return path.read_bytes()
     except FileNotFoundError:
         raise InputError("no such file", code="E_NOT_FOUND", path=str(path)) from None
-    except IsADirectoryError:
-        raise InputError("is a directory", code="E_NOT_REGULAR_FILE", path=str(path)) from None
     except PermissionError:
         raise InputError("permission denied", code="E_PERMISSION", path=str(path)) from None
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror}", code="E_READ", path=str(path)) from None
 
 
 @app.command()
@@ -286,7 +318,13 @@ def export_cmd(
     from ..codec import registry
     from ..train.export import export_checkpoint
 
-    info = export_checkpoint(run_dir / "checkpoint.pt", name, models_dir or registry.models_dir(), alias=alias)
+    checkpoint = run_dir / "checkpoint.pt"
+    if not checkpoint.is_file():
+        fail(InputError("no checkpoint.pt in this run folder", code="E_NOT_FOUND", path=str(run_dir)))
+    try:
+        info = export_checkpoint(checkpoint, name, models_dir or registry.models_dir(), alias=alias)
+    except (NicdError, OSError, RuntimeError, KeyError) as err:
+        fail(err, path=str(checkpoint))
     print_json({"model_id": info.model_id, "path": str(info.path), "sha256": info.sha256})
 
 
@@ -318,7 +356,14 @@ def bench(
         codec = load_codec(model, "cpu")
         qs = [int(q) for q in qualities.split(",") if q]
         baseline = [c for c in codecs.split(",") if c]
-    except (NicdError, ValueError) as err:
+        if not qs or any(not 1 <= q <= 8 for q in qs):
+            raise InputError(f"--qualities must list levels 1..8, not {qualities!r}", code="E_ARGS")
+        unknown = [c for c in baseline if c not in bench_lib.BASELINE_QUALITIES]
+        if unknown:
+            raise InputError(f"unknown baseline codec(s) {', '.join(unknown)}: use jpeg, webp, avif", code="E_ARGS")
+    except ValueError:
+        fail(InputError(f"--qualities must be comma-separated integers, not {qualities!r}", code="E_ARGS"))
+    except NicdError as err:
         fail(err)
     loaded = []
     for f in files:

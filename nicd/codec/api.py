@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import threading
+import zlib
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,10 +24,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..errors import InputError, NicdError, VerificationError
+from ..errors import FormatError, InputError, NicdError, VerificationError
 from . import container, metrics, registry
 from .frozen import FrozenModel, latent_shape
-from .imageio import PreparedImage, restore_image
+from .imageio import DEFAULT_MAX_PIXELS, SUPPORTED_MODES, PreparedImage, restore_image
 from .models import QUALITIES
 
 TILE_SIZE = 1024
@@ -102,15 +103,29 @@ class Codec:
         choose = _target_rule(quality, target_ssim, target_psnr)
         with self._lock, torch.no_grad():
             started = time.perf_counter()
-            latents = self._analyse_all(images)
+            try:
+                latents = self._analyse_all(images)
+            except (RuntimeError, MemoryError):
+                # The device batch did not fit: analyse image by image, so one image fails alone.
+                latents = [self._analyse_alone(image) for image in images]
             shared = (time.perf_counter() - started) / max(len(images), 1)
             out: list[EncodeResult | NicdError] = []
             for image, tiles in zip(images, latents):
+                if isinstance(tiles, NicdError):
+                    out.append(tiles)
+                    continue
                 try:
                     out.append(self._encode_one(image, tiles, choose, shared))
                 except NicdError as err:
                     out.append(err)
             return out
+
+    def _analyse_alone(self, image: PreparedImage):
+        try:
+            return self._analyse_all([image])[0]
+        except (RuntimeError, MemoryError) as exc:
+            return NicdError(f"the analysis transform failed on this image: {str(exc).splitlines()[0][:200]}",
+                             code="E_RESOURCES")
 
     def _analyse_all(self, images: list[PreparedImage]) -> list[list[np.ndarray]]:
         stride = self.frozen.stride
@@ -173,15 +188,18 @@ class Codec:
     # -- decoding ------------------------------------------------------------------------------
     def decode(self, data: bytes) -> Image.Image:
         """A .nicd file's bytes → the image in its original size and mode, with ICC/EXIF in `.info`."""
-        c = container.parse(data)
+        c = _parse(data)
         rgb = self._decode_rgb(data, self.device, parsed=c)
-        return restore_image(rgb, c.mode, dict(c.metadata))
+        try:
+            return restore_image(rgb, c.mode, dict(c.metadata))
+        except (ValueError, TypeError, KeyError, OverflowError, RecursionError, zlib.error) as exc:
+            raise FormatError(f"side data of the file is malformed ({type(exc).__name__})", code="E_FORMAT_SIDE") from None
 
     def decode_rgb(self, data: bytes) -> np.ndarray:
         return self._decode_rgb(data, self.device)
 
     def _decode_rgb(self, data: bytes, device: torch.device, parsed=None, expect=None) -> np.ndarray:
-        c = parsed or container.parse(data)
+        c = parsed or _parse(data)
         frozen = self.frozen
         if c.model_hash != self.model_hash:
             _, frozen = registry.find_by_hash(c.model_hash)
@@ -196,6 +214,16 @@ class Codec:
                 pixels = (x_hat[:, :h, :w] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
                 out[y : y + h, x : x + w] = pixels
         return out
+
+
+def _parse(data: bytes) -> container.Container:
+    """Parse and check what this decoder supports before anything is allocated for the pixels."""
+    c = container.parse(data, max_pixels=DEFAULT_MAX_PIXELS)
+    if c.tile_size != TILE_SIZE:
+        raise FormatError(f"tile size {c.tile_size} is not the {TILE_SIZE} of format version 1 models", code="E_FORMAT_FIELD")
+    if c.mode not in SUPPORTED_MODES:
+        raise FormatError(f"image mode {c.mode!r} is not one nicd writes", code="E_FORMAT_FIELD")
+    return c
 
 
 def _target_rule(quality, target_ssim, target_psnr):
@@ -242,6 +270,6 @@ def load_codec(model: str = "default", device: str = "auto") -> Codec:
 
 def decoder_for(data: bytes, device: str = "auto") -> Codec:
     """The codec of the model a bitstream names in its header (found by its full hash)."""
-    header = container.parse(data)
+    header = _parse(data)
     info, frozen = registry.find_by_hash(header.model_hash)
     return Codec(info, frozen, pick_device(device))

@@ -56,9 +56,12 @@ def _zigzag_varints(values: np.ndarray) -> bytes:
 
 
 class EscapeReader:
-    def __init__(self, data: bytes):
+    """Reads the zig-zag varints of escaped values; any value beyond ±limit is a format error."""
+
+    def __init__(self, data: bytes, limit: int):
         self.data = data
         self.pos = 0
+        self.limit = limit
 
     def read(self, count: int) -> np.ndarray:
         out = np.empty(count, dtype=np.int64)
@@ -75,7 +78,10 @@ class EscapeReader:
                 shift += 7
                 if not b & 0x80:
                     break
-            out[i] = (u >> 1) ^ -(u & 1)
+            v = (u >> 1) ^ -(u & 1)
+            if not -self.limit <= v <= self.limit:
+                raise FormatError("escape stream holds a value out of range", code="E_FORMAT_STREAM")
+            out[i] = v
         self.pos = pos
         return out
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..errors import VerificationError
+from ..errors import FormatError, VerificationError
 from . import entropy
 from .density import gaussian_likelihood
 from .intnet import ACT_FRACTION, IntegerHyperSynthesis
@@ -67,6 +68,17 @@ class FrozenModel:
         with torch.no_grad():
             self.gain = torch.exp(model.gain.log_gain.double()).numpy()
         self.scales = scale_table()
+        # One copy of the transforms per device, made once and never moved: a shared model can then
+        # serve encoders and decoders on different devices and threads at the same time.
+        self._devices: dict[str, tuple[torch.nn.Module, torch.nn.Module]] = {"cpu": (self.g_a64, model.g_s)}
+        self._devices_lock = threading.Lock()
+
+    def _on(self, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+        key = str(torch.device(device))
+        with self._devices_lock:
+            if key not in self._devices:
+                self._devices[key] = (copy.deepcopy(self.g_a64).to(device), copy.deepcopy(self.model.g_s).to(device))
+            return self._devices[key]
 
     # -- freezing ------------------------------------------------------------------------------
     @staticmethod
@@ -88,14 +100,14 @@ class FrozenModel:
     @torch.no_grad()
     def analyse(self, x: torch.Tensor) -> np.ndarray:
         """x: (B, 3, H, W) in [0, 1], H and W multiples of `stride` → y before gain, float64 numpy."""
-        g_a = self.g_a64.to(x.device)
+        g_a, _ = self._on(x.device)
         return g_a(x.to(torch.float64)).cpu().numpy()
 
     @torch.no_grad()
     def synthesize(self, y_hat: np.ndarray, qualities: list[int], device: torch.device) -> torch.Tensor:
         """y_hat: (B, M, h, w) → reconstruction (B, 3, H, W) float32 in [0, 1] on the CPU."""
-        g_s = self.model.g_s.to(device)
-        inv = torch.exp(self.model.gain.log_inv_gain[[q - 1 for q in qualities]].to(device)).float()
+        _, g_s = self._on(device)
+        inv = torch.exp(self.model.gain.log_inv_gain[[q - 1 for q in qualities]]).float().to(device)
         y = torch.from_numpy(y_hat).float().to(device) * inv[:, :, None, None]
         return g_s(y).clamp_(0, 1).cpu()
 
@@ -110,13 +122,15 @@ class FrozenModel:
         if len(streams) != 2:
             raise VerificationError("a tile must hold 2 streams", code="E_FORMAT_STREAM")
         decoder = entropy.new_decoder(streams[0])
-        escapes = entropy.EscapeReader(streams[1])
+        escapes = entropy.EscapeReader(streams[1], Y_LIMIT)
         h, w = latent_hw
         if self.kind == MeanScaleHyperprior.kind:
             zh, zw = h // 4, w // 4
             z_ids = np.repeat(np.arange(self.n), zh * zw)
             z_int = entropy.decode_grouped(decoder, z_ids, self.z_models, escapes).reshape(1, self.n, zh, zw)
-            idx, mean_fp = self.int_h_s(np.clip(z_int, -Z_LIMIT, Z_LIMIT))
+            if np.abs(z_int).max(initial=0) > Z_LIMIT:  # the encoder clips z to ±Z_LIMIT
+                raise FormatError("coded z is out of range", code="E_FORMAT_STREAM")
+            idx, mean_fp = self.int_h_s(z_int)
             sym = entropy.decode_grouped(decoder, idx.ravel(), self.y_models, escapes).reshape(self.m, h, w)
             checks = (z_int, sym)
             y_hat = sym + mean_fp[0] / float(1 << ACT_FRACTION)

@@ -73,6 +73,7 @@ copies and no Python loops over pixels.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -822,8 +823,12 @@ _FORMAT_MODES: dict[str, frozenset[str]] = {
 _JPEG_MAX_MARKER = 65533
 
 
-def save_image(image: Image.Image, path: str | os.PathLike, *, format: str | None = None, quality: int = 95) -> None:
+def save_image(image: Image.Image, path: str | os.PathLike, *, format: str | None = None, quality: int = 95,
+               replace: bool = True) -> None:
     """Write `image` to `path` atomically (temp file ``.nicd-tmp-*`` in the same folder, fsync, rename).
+
+    With ``replace=False`` the file is published with ``link`` (never overwrites): when anything is at
+    `path` by then, the temp file is removed and InputError ``E_EXISTS`` is raised.
 
     The format comes from `format` or the path's extension. PNG is lossless; JPEG uses `quality`
     (4:4:4 chroma for quality >= 90). ICC profile, EXIF, XMP and DPI from ``image.info`` are written
@@ -862,7 +867,10 @@ def save_image(image: Image.Image, path: str | os.PathLike, *, format: str | Non
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, perms)
-        os.replace(tmp, path_s)
+        if replace:
+            os.replace(tmp, path_s)
+        else:
+            _publish_exclusive(tmp, path_s)
     except BaseException as err:
         try:
             os.unlink(tmp)
@@ -872,6 +880,23 @@ def save_image(image: Image.Image, path: str | os.PathLike, *, format: str | Non
             raise StorageError(f"cannot write {path_s}: {_reason(err)}", path=path_s) from err
         raise
     fsync_dir(directory)
+
+
+def _publish_exclusive(tmp: str, path: str) -> None:
+    """Give the finished temp file its name only when nothing is there (``link`` never overwrites)."""
+    try:
+        os.link(tmp, path, follow_symlinks=False)
+    except FileExistsError:
+        raise InputError(f"a file is already there: {path}", code="E_EXISTS", path=path) from None
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS):
+            raise
+        # no hard links on this filesystem: rename when nothing is there (a tiny window remains)
+        if os.path.lexists(path):
+            raise InputError(f"a file is already there: {path}", code="E_EXISTS", path=path) from None
+        os.rename(tmp, path)
+        return
+    os.unlink(tmp)
 
 
 def _output_format(path: str, format: str | None) -> str:

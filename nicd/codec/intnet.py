@@ -52,9 +52,12 @@ class IntegerHyperSynthesis:
     # indices of the conv layers inside the float nn.Sequential h_s (ReLUs in between)
     conv_positions = (0, 2, 4)
 
-    def __init__(self, layers: list[IntLayer]):
+    def __init__(self, layers: list[IntLayer], scale_thresholds: np.ndarray | None = None):
         self.layers = layers
-        self.scale_thresholds = np.round(scale_table() * (1 << ACT_FRACTION)).astype(np.int64)
+        # Stored with the model, so no machine's exp() can move a threshold.
+        if scale_thresholds is None:
+            scale_thresholds = np.round(scale_table() * (1 << ACT_FRACTION)).astype(np.int64)
+        self.scale_thresholds = np.asarray(scale_thresholds, dtype=np.int64)
 
     @classmethod
     def from_float(cls, h_s: nn.Sequential) -> "IntegerHyperSynthesis":
@@ -112,7 +115,7 @@ class IntegerHyperSynthesis:
         return out
 
     def state(self) -> dict[str, np.ndarray]:
-        out = {}
+        out = {"int_h_s.scale_thresholds": self.scale_thresholds}
         for i, layer in enumerate(self.layers):
             out[f"int_h_s.{i}.weight"] = layer.weight.numpy().astype(np.int16)
             out[f"int_h_s.{i}.bias"] = layer.bias.numpy().astype(np.int64)
@@ -141,7 +144,9 @@ class IntegerHyperSynthesis:
                 )
             )
             i += 1
-        return cls(layers)
+        net = cls(layers, arrays.get("int_h_s.scale_thresholds"))
+        net.check_bounds()  # a model file is data: prove its integer network exact before using it
+        return net
 
     @torch.no_grad()
     def __call__(self, z_int: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -113,7 +113,11 @@ def load_float_model(name: str, directory: Path | None = None) -> CodecModel:
 def _load_cached(path: str, sha: str) -> tuple[ModelInfo, FrozenModel]:
     config, arrays = _read(Path(path))
     model_id = Path(path).stem
-    return ModelInfo(model_id, Path(path), sha, config), FrozenModel(model_from_arrays(config, arrays), arrays)
+    try:
+        frozen = FrozenModel(model_from_arrays(config, arrays), arrays)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"model file {Path(path).name} is not a usable nicd model: {exc}", code="E_MODEL_FILE") from None
+    return ModelInfo(model_id, Path(path), sha, config), frozen
 
 
 def load(name: str = "default", directory: Path | None = None) -> tuple[ModelInfo, FrozenModel]:

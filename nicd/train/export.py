@@ -6,6 +6,7 @@ The previous export of the same model name is replaced in place (weights files a
 from __future__ import annotations
 
 import json
+import re
 import platform
 from pathlib import Path
 
@@ -39,7 +40,9 @@ def export_checkpoint(checkpoint: Path, name: str, directory: Path, alias: str |
         "wall_seconds": round(ckpt.get("wall_seconds", 0.0), 1),
         "hardware": f"{platform.machine()} {platform.processor() or ''}".strip(),
     }
-    previous = [p for p in directory.glob(f"{name}-*.npz")]
+    # Only this name's own exports: "<name>-<8 hex>.npz" (a longer name sharing the prefix is another model).
+    own = re.compile(rf"^{re.escape(name)}-[0-9a-f]{{8}}\.npz$")
+    previous = [p for p in directory.glob("*.npz") if own.match(p.name)]
     info = registry.export(model, name, directory, extra_config={"metric": opts["metric"], "name": name})
     for old in previous:
         if old != info.path:

@@ -78,12 +78,17 @@ def rd_loss(out: dict, x: torch.Tensor, q: torch.Tensor, metric: str) -> dict:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def atomic_torch_save(obj, path: Path) -> None:
@@ -119,7 +124,8 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------
     def _load(self) -> None:
-        ckpt = torch.load(self.ckpt_path, map_location=self.device, weights_only=False)
+        # RNG states must stay CPU tensors: load everything on the CPU, the model moves itself below.
+        ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
         saved = ckpt["options"]
         for key in ("kind", "n", "m", "metric"):
             if saved[key] != getattr(self.opts, key):
