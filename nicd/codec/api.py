@@ -120,6 +120,15 @@ class Codec:
                     out.append(err)
             return out
 
+    def encode_levels(self, image: PreparedImage, qualities: list[int]) -> list[EncodeResult]:
+        """One image at several quality levels, sharing one analysis transform (gain units apply after
+        it). Each result's encode time still counts the whole analysis, as a single encode would."""
+        with self._lock, torch.no_grad():
+            started = time.perf_counter()
+            tiles = self._analyse_all([image])[0]
+            analysis = time.perf_counter() - started
+            return [self._encode_one(image, tiles, _target_rule(q, None, None), analysis) for q in qualities]
+
     def _analyse_alone(self, image: PreparedImage):
         try:
             return self._analyse_all([image])[0]

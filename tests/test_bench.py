@@ -1,0 +1,46 @@
+"""The benchmark library: BD-rate arithmetic and a tiny real run."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from nicd import bench
+from nicd.codec.api import load_codec
+from nicd.codec.imageio import load_image
+from pathlib import Path
+
+KODAK = Path(__file__).resolve().parents[2] / "shared" / "data" / "kodak"
+
+
+def kodak(n: int) -> np.ndarray:
+    with Image.open(KODAK / f"kodim{n:02d}.png") as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_bd_rate_of_a_scaled_curve():
+    anchor = [(0.25, 28.0), (0.5, 31.0), (1.0, 34.5), (2.0, 38.0)]
+    half = [(r * 0.5, q) for r, q in anchor]
+    assert abs(bench.bd_rate(anchor, half) - (-0.5)) < 1e-9
+    assert abs(bench.bd_rate(anchor, anchor)) < 1e-12
+    assert bench.bd_rate(anchor, [(1.0, 50.0), (2.0, 51.0)]) is None  # no overlap
+
+
+def test_small_run_writes_rows_summary_and_plot(tmp_path):
+    images = [("k1", np.ascontiguousarray(kodak(1)[:128, :192])), ("k2", np.ascontiguousarray(kodak(2)[:128, :192]))]
+    codec = load_codec("default", "cpu")
+    rows = bench.run(images, codec, [2, 6], ["jpeg"])
+    nicd_rows = [r for r in rows if r.codec == "nicd"]
+    assert len(nicd_rows) == 4 and len([r for r in rows if r.codec == "jpeg"]) == 2 * len(bench.BASELINE_QUALITIES["jpeg"])
+    # sizes are the real file lengths, and bpp follows from them
+    for r in rows:
+        assert abs(r.bpp - 8 * r.bytes / (r.width * r.height)) < 1e-9
+    same = codec.encode(load_image(Image.fromarray(images[0][1])), quality=6)
+    assert same.data and len(same.data) == [r.bytes for r in nicd_rows if r.image == "k1" and r.setting == 6][0]
+    summary = bench.summary(rows)
+    assert set(summary["codecs"]) == {"nicd", "jpeg"} and summary["codecs"]["jpeg"]["bd_rate_vs_jpeg"] == 0
+    bench.write_csv(rows, tmp_path / "b.csv")
+    assert len((tmp_path / "b.csv").read_text().splitlines()) == len(rows) + 1
+    bench.plot(rows, tmp_path / "rd.png")
+    with Image.open(tmp_path / "rd.png") as im:
+        assert im.size[0] > 500
