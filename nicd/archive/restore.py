@@ -22,7 +22,15 @@ its ICC profile and EXIF; the original modification time is put back when it is 
 
 Every file is written atomically (:func:`nicd.codec.imageio.save_image`: a temporary file in the
 same folder, fsync, rename), so an interrupted or failed restore leaves either the whole file or
-nothing — never a partial file and never a stray temporary file.
+nothing — never a partial file and never a stray temporary file. Without ``force`` the finished file is
+published with ``link``, which never overwrites: a file that appears at the target while decoding is
+kept (status ``exists``). Only ``force`` replaces.
+
+With the originals policy ``delete``, a restored file inside a watched root would be coded and then
+deleted by the daemon. There, a file is restored only to its own recorded path, in its own format, and
+only when nicd itself deleted the file at that path (the daemon never deletes at such a path again);
+any other target inside a watched root fails with ``E_TARGET_WATCHED`` (restore with ``out`` outside
+the watched roots instead).
 
 Before decoding, each bitstream is checked against its recorded length and SHA-256 (``E_BITSTREAM_SIZE``,
 ``E_BITSTREAM_SHA256``); the container checks its own CRCs (``E_FORMAT_*``). Per-file problems are
@@ -42,7 +50,7 @@ from sqlalchemy import select
 
 from ..config import Config
 from ..errors import InputError, NicdError, StorageError
-from ..store.models import Bitstream, File
+from ..store.models import Bitstream, Event, File
 from . import Reader, normalize_path, path_filter
 
 __all__ = ["FORMATS", "RestoreItem", "RestoreResult", "Decoders", "restore", "fetch_bitstream", "verify_blob"]
@@ -299,6 +307,10 @@ def restore(
             target = os.path.join(out_dir, _relative(name, r.root)) if out_dir else name
             plans.append((r, fmt, target))
 
+        refused: dict[str, str] = {}
+        if config.originals.policy == "delete" and config.watch.roots:
+            refused = _refuse_watched(reader, plans, config.watch.roots, out_dir, format)
+
         # decode each content once, even when several selected files hold it
         by_sha: dict[str, list[int]] = {}
         for i, (r, _, _) in enumerate(plans):
@@ -322,6 +334,8 @@ def restore(
                 else:
                     claimed[target] = r.path
                     _decide(item, r, target, out_dir, force, dry_run)
+                    if target in refused and item.status in ("pending", "would_restore"):
+                        item.status, item.code, item.message = "failed", "E_TARGET_WATCHED", refused[target]
                 if item.status == "pending":  # to be written now
                     if image is None and decode_error is None:
                         try:
@@ -331,13 +345,48 @@ def restore(
                     if decode_error is not None:
                         item.status, item.code, item.message = "failed", decode_error.code, decode_error.message
                     else:
-                        _write(item, image, fmt, target, r.mtime_ns)
+                        _write(item, image, fmt, target, r.mtime_ns, replace=force)
                 done += 1
                 if progress:
                     progress(done, total, item)
         result.items = [i for i in items if i is not None]
         result.items.sort(key=lambda i: i.path)
     return result
+
+
+def _inside(path: str, roots) -> bool:
+    from ..daemon.discovery import root_for
+
+    if root_for(path, roots) is not None:
+        return True
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    real_roots = [os.path.realpath(r) for r in roots]
+    return root_for(real, real_roots) is not None
+
+
+def _refuse_watched(reader: Reader, plans, roots, out_dir: str | None, choice: str) -> dict[str, str]:
+    """Targets that would be coded and then deleted by the daemon (policy ``delete``): target → message."""
+    own = [r.path for r, _, target in plans if out_dir is None and target == r.path]
+    deleted_here: set[str] = set()
+    for i in range(0, len(own), 500):
+        chunk = own[i:i + 500]
+        deleted_here |= set(reader.run(lambda conn: list(conn.execute(
+            select(Event.path).where(Event.kind == "delete_applied", Event.path.in_(chunk))).scalars())))
+    hint = "restore with --out outside the watched roots"
+    refused: dict[str, str] = {}
+    for r, fmt, target in plans:
+        if not _inside(target, roots):
+            continue
+        if out_dir is not None or target != r.path:
+            why = "inside a watched root with originals policy delete, the restored file would be coded and deleted"
+        elif choice != "original" and fmt != _plan_format(r.path, r.original_format, "original")[0]:
+            why = "a format change inside a watched root with originals policy delete would be coded and deleted"
+        elif r.path not in deleted_here:
+            why = "nicd did not delete this file: restored here with originals policy delete it would be coded and deleted"
+        else:
+            continue
+        refused[target] = f"{why}; {hint}"
+    return refused
 
 
 def _decide(item: RestoreItem, r: _Row, target: str, out_dir: str | None, force: bool, dry_run: bool) -> None:
@@ -376,7 +425,7 @@ def _decode(reader: Reader, decoders: Decoders, sha: str):
         raise NicdError(f"decoding failed: {type(exc).__name__}: {exc}", code="E_DECODE") from exc
 
 
-def _write(item: RestoreItem, image, fmt: str, target: str, mtime_ns: int | None) -> None:
+def _write(item: RestoreItem, image, fmt: str, target: str, mtime_ns: int | None, *, replace: bool = False) -> None:
     from ..codec.imageio import save_image
 
     folder = os.path.dirname(target)
@@ -387,8 +436,12 @@ def _write(item: RestoreItem, image, fmt: str, target: str, mtime_ns: int | None
         item.message = f"cannot create the folder {folder}: {exc.strerror or exc}"
         return
     try:
-        save_image(image, target, format=fmt, quality=LOSSY_QUALITY)
+        save_image(image, target, format=fmt, quality=LOSSY_QUALITY, replace=replace)
     except NicdError as err:
+        if err.code == "E_EXISTS":  # appeared while decoding: kept, never overwritten without force
+            item.status, item.code = "exists", "E_EXISTS"
+            item.message = "a file is already there (use --force to replace it)"
+            return
         item.status, item.code, item.message = "failed", err.code, err.message
         return
     if mtime_ns is not None:

@@ -28,7 +28,8 @@ EXIT_LOCKED = 75  # EX_TEMPFAIL: another nicd process writes to the database
 def _exit_code(err: NicdError) -> int:
     from ..store.engine import LockedError, SchemaError
 
-    if isinstance(err, (ConfigError, SchemaError)) or err.code in ("E_MODEL_NOT_FOUND",):
+    # a read-only or damaged database is fixed by the operator, not by a restart: EX_CONFIG
+    if isinstance(err, (ConfigError, SchemaError)) or err.code in ("E_MODEL_NOT_FOUND", "E_DB_READONLY", "E_DB_CORRUPT"):
         return EXIT_CONFIG
     if isinstance(err, LockedError):
         return EXIT_LOCKED

@@ -333,6 +333,19 @@ def reconcile_root(store: Store, root: str, names: NameFilter, *, should_stop: C
     live = [p for p, k in known.items() if k.state in ("new", "hashed", "failed")]
     missing = [p for p in live if p not in seen]
     if missing:
+        if not seen and not errors:
+            # nothing at all where files are known: an empty mount point, not a user's delete
+            summary["guarded"] = True
+            summary["available"] = False
+            log.warning("root %s: none of its %d known files is there; not trusting this scan (unmounted?)", root, len(live))
+            return todo, summary
+        moved_fs = _on_other_filesystem(missing, known, root)
+        if moved_fs:
+            summary["guarded"] = True
+            log.warning("root %s: %d files were on a filesystem that is no longer mounted there; not marking them missing",
+                        root, len(moved_fs))
+            missing = [p for p in missing if p not in moved_fs]
+    if missing:
         if not root_available(root) or errors:
             summary["guarded"] = True
             log.warning("root %s changed during the scan or had unreadable folders: not marking %d files missing", root, len(missing))
@@ -344,3 +357,42 @@ def reconcile_root(store: Store, root: str, names: NameFilter, *, should_stop: C
             with store.write() as conn:
                 summary["missing"] = catalog.mark_missing(conn, missing)
     return todo, summary
+
+
+def _on_other_filesystem(missing: list[str], known: dict, root: str) -> set[str]:
+    """The missing files whose recorded device is not the device of the nearest folder still there:
+    the filesystem they lived on (the root's own, or one mounted below it) is not mounted any more."""
+    dev_of: dict[str, int | None] = {}
+
+    def nearest_dev(path: str) -> int | None:
+        d = os.path.dirname(path)
+        chain = []
+        dev = None
+        while True:
+            if d in dev_of:
+                dev = dev_of[d]
+                break
+            chain.append(d)
+            try:
+                dev = os.lstat(d).st_dev
+                break
+            except OSError:
+                pass
+            parent = os.path.dirname(d)
+            if parent == d or not (d + os.sep).startswith(root.rstrip(os.sep) + os.sep):
+                break
+            d = parent
+        for c in chain:
+            dev_of[c] = dev
+        return dev
+
+    out = set()
+    for p in missing:
+        k = known.get(p)
+        rec = k.signature.dev if k is not None and k.signature is not None else 0
+        if not rec:
+            continue
+        dev = nearest_dev(p)
+        if dev is not None and dev != rec:
+            out.add(p)
+    return out

@@ -212,6 +212,26 @@ class WorkerLoop:
         self.backoff = 0.0
         self.sweep_seconds = sweep_seconds
         self.next_sweep = 0.0  # the first idle moment: originals left behind by a crash after a commit
+        self.policy_due: queue_mod.SimpleQueue[str] = queue_mod.SimpleQueue()
+
+    def request_policy(self, sha: str) -> None:
+        """Discovery found a file whose content is already done: the policy runs on this (worker) thread."""
+        self.policy_due.put(sha)
+        self.work_available.set()
+
+    def apply_requested(self) -> None:
+        shas: set[str] = set()
+        while True:
+            try:
+                shas.add(self.policy_due.get_nowait())
+            except queue_mod.Empty:
+                break
+        policy = self.worker.policy
+        if shas and policy is not None:
+            try:
+                policy.apply(sorted(shas), should_stop=self.stop.is_set)
+            except StorageError as exc:
+                log.error("originals policy: %s [%s]; retried on the next sweep", exc, exc.code)
 
     def sweep(self) -> None:
         """Apply the originals policy to every eligible file (idempotent)."""
@@ -225,6 +245,7 @@ class WorkerLoop:
     def run(self) -> None:
         while not self.stop.is_set():
             self.worker.beat()
+            self.apply_requested()
             try:
                 verdicts = self.worker.run_batch()
                 self.backoff = 0.0
@@ -306,8 +327,9 @@ def _serve(config: Config, stop_event: threading.Event, notifier: Notifier, stor
     policy = originals.OriginalsPolicy(store, config.originals.policy, codec)
     watcher = Watcher(config.watch.roots) if config.watch.roots else None
     worker = Worker(store, config, codec, owner, stop=stop_intake, policy=policy)
+    loop_box: list[WorkerLoop] = []
     discovery = Discovery(store, config, watcher, stop_intake, work_available,
-                          on_done_content=lambda sha: policy.apply([sha]))
+                          on_done_content=lambda sha: loop_box[0].request_policy(sha))
     if not config.watch.roots:
         log.warning("no [watch] roots configured: only the queue is worked through")
     if watcher is not None:
@@ -326,6 +348,7 @@ def _serve(config: Config, stop_event: threading.Event, notifier: Notifier, stor
         t.start()
 
     loop = WorkerLoop(worker, stop_intake, work_available, store, sweep_seconds=max(60.0, discovery.rescan_seconds))
+    loop_box.append(loop)
     start_thread("discovery", discovery.run)
     start_thread("worker", loop.run)
     _heartbeat(store, owner, "running", "ready", worker, watcher)

@@ -28,6 +28,7 @@ log = logging.getLogger("nicd.worker")
 
 MAX_BATCH_ITEMS = 16
 MAX_PIXELS = 100_000_000
+MAX_BUSY_SECONDS = 4 * 3600.0  # past this, one batch is taken as hung: no more renewals or beats
 
 
 @dataclass
@@ -67,6 +68,8 @@ class Worker:
         self.stats = WorkerStats()
         self.current: list[int] = []  # job ids held right now (released by the service on a hard stop)
         self.busy_since: float | None = None
+        self.lease_seconds = queue.LEASE_SECONDS
+        self.max_busy_seconds = MAX_BUSY_SECONDS
 
     def beat(self) -> None:
         self.stats.last_beat = time.monotonic()
@@ -76,18 +79,49 @@ class Worker:
         """Claim and process one batch. None when there was nothing to claim."""
         self.beat()
         with self.store.write() as conn:
-            jobs = queue.claim(conn, self.owner, limit=MAX_BATCH_ITEMS,
+            jobs = queue.claim(conn, self.owner, limit=MAX_BATCH_ITEMS, lease_seconds=self.lease_seconds,
                                max_megapixels=self.config.codec.batch_megapixels, job_ids=job_ids)
         if not jobs:
             return None
         self.current = [j.id for j in jobs]
         self.busy_since = time.monotonic()
+        done = threading.Event()
+        renewer = threading.Thread(target=self._keep_alive, args=(list(self.current), done),
+                                   name="nicd-lease-renew", daemon=True)
+        renewer.start()
         try:
             return self._process(jobs)
         finally:
+            done.set()
+            renewer.join(5.0)
             self.current = []
             self.busy_since = None
             self.stats.batches += 1
+            self.beat()
+
+    def _keep_alive(self, job_ids: list[int], done: threading.Event) -> None:
+        """While a batch is in hand (a big image can take many minutes on a CPU): renew its leases every
+        third of the lease and beat, so neither the lease check nor the watchdog takes it for dead.
+        A batch busy for longer than ``max_busy_seconds`` is taken as hung: the beats stop."""
+        interval = max(0.05, min(60.0, self.lease_seconds / 3.0))
+        started = time.monotonic()
+        while not done.wait(interval):
+            if time.monotonic() - started > self.max_busy_seconds:
+                log.error("batch busy for more than %.0f s: leases no longer renewed", self.max_busy_seconds)
+                return
+            try:
+                with self.store.write() as conn:
+                    n = queue.renew(conn, self.owner, job_ids, lease_seconds=self.lease_seconds)
+            except StorageError as exc:
+                log.warning("cannot renew the leases of the batch in hand: %s [%s]", exc, exc.code)
+                continue
+            except Exception:  # noqa: BLE001 - never let the renewer die silently
+                log.exception("lease renewal failed")
+                continue
+            if done.is_set():
+                return
+            if n < len(job_ids):
+                log.debug("renewed %d of %d leases (the others are finished)", n, len(job_ids))
             self.beat()
 
     def _process(self, jobs: list[queue.ClaimedJob]) -> list[Verdict]:
@@ -116,7 +150,7 @@ class Worker:
         if ready:
             results = self._encode([p for _, p, _ in ready])
             with self.store.write() as conn:
-                queue.renew(conn, self.owner, [j.id for j, _, _ in ready])
+                queue.renew(conn, self.owner, [j.id for j, _, _ in ready], lease_seconds=self.lease_seconds)
             for (job, prepared, nbytes), res in zip(ready, results):
                 if isinstance(res, NicdError):
                     verdicts.append(self._finish_fail(job, res.code, res.message))
