@@ -354,6 +354,10 @@ def _serve(config: Config, stop_event: threading.Event, notifier: Notifier, stor
     _heartbeat(store, owner, "running", "ready", worker, watcher)
     notifier.ready(status="ready: scanning the roots")
     log.info("nicd watch ready (%d roots, policy %s)", len(config.watch.roots), config.originals.policy)
+    try:  # the queue counts at once, not only from the first tick on (a short run may never see a tick)
+        notifier.status(_heartbeat(store, owner, "running", None, worker, watcher))
+    except NicdError as exc:
+        log.error("status: %s [%s]", exc, exc.code)
 
     wd_interval = notifier.watchdog_interval(default=5.0)
     next_wd = next_hb = next_lease = 0.0
