@@ -122,6 +122,15 @@ def upgrade(store: Store, revision: str = "head") -> dict:
     return {"from": before, "to": head, "backup": backup, "changed": True}
 
 
+def downgrade(store: Store, revision: str = "base") -> None:
+    """Undo migrations down to ``revision`` ("base" = an empty database). For tests and rollbacks."""
+    cfg = alembic_config()
+    with store._lock, store.engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+        conn.commit()
+
+
 def ensure_schema(store: Store, *, create_if_empty: bool = True) -> dict:
     """At start: a new empty database is created at head; any other revision than head is refused."""
     with store.read() as conn:
