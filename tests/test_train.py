@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,36 @@ def test_ms_ssim_loss_trains(small_train, tmp_path):
     assert len(losses) == 2 and all(np.isfinite(losses))
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["options"]["metric"] == "ms-ssim"
+    # An MS-SSIM run's learning curve carries MS-SSIM per quality as well as PSNR.
+    figures = trainer.validate(images=1)
+    assert set(figures) == {f"q{q}_{k}" for q in (1, 4, 8) for k in ("bpp", "psnr", "ms_ssim")}
+    assert all(0 < figures[f"q{q}_ms_ssim"] <= 1 for q in (1, 4, 8))
+
+
+def test_fixed_quality_run_trains_only_its_level(small_train, tmp_path):
+    trainer = Trainer(opts(tmp_path / "run", small_train, steps=5, fixed_quality=4))
+    before = trainer.model.gain.log_gain.detach().clone()
+    trainer.run()
+    after = trainer.model.gain.log_gain.detach()
+    changed = [q for q in range(8) if not torch.equal(before[q], after[q])]
+    assert changed == [3]
+    from nicd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fixed quality 9"):
+        Trainer(opts(tmp_path / "bad", small_train, fixed_quality=9))
+
+
+def test_init_from_a_checkpoint_is_recorded_in_the_card(small_train, tmp_path):
+    source = Trainer(opts(tmp_path / "mse", small_train, steps=3))
+    source.run()
+    tuned = Trainer(opts(tmp_path / "tuned", small_train, steps=0))
+    tuned.init_from(str(tmp_path / "mse" / "checkpoint.pt"))
+    for k, v in source.model.state_dict().items():
+        assert torch.equal(v, tuned.model.state_dict()[k]), k
+    tuned.run()
+    info = export_checkpoint(tmp_path / "tuned" / "checkpoint.pt", "tuned", tmp_path / "models")
+    card = json.loads(info.path.with_suffix(".json").read_text())
+    assert card["training"]["init_from"]["step"] == 3 and card["training"]["steps"] == 0
 
 
 def test_patch_must_fit_the_model_stride(small_train, tmp_path):

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import ConfigError, InputError, NicdError
+from ..errors import InputError, NicdError
 from . import app
 from .output import JSON_OPTION, error_line, fail, print_json, stderr, stdout, table
 
@@ -251,8 +251,9 @@ def train(
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes"),
     checkpoint_minutes: float = typer.Option(5.0, "--checkpoint-minutes"),
     validate_every: int = typer.Option(500, "--validate-every"),
-    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start a new run from a shipped model's weights."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start a new run from a shipped model's weights or another run's checkpoint.pt (e.g. an MS-SSIM fine-tune of an MSE run)."),
     seed: int = typer.Option(0, "--seed"),
+    fixed_quality: Optional[int] = typer.Option(None, "--fixed-quality", help="Train at this one quality level only (a fixed-rate control run); default: all levels."),
     pack: Optional[Path] = typer.Option(None, "--pack", help="Instead of training, write a compact (≤50 MB) training pack of --data to this .npz."),
 ) -> None:
     """Train (or resume) a model; checkpoints every few minutes and on SIGTERM; CSV learning curve.
@@ -269,15 +270,11 @@ def train(
         opts = TrainOptions(run_dir=run_dir, train_data=data, val_data=val, kind=kind, n=n, m=m, metric=metric,
                             patch=patch, batch=batch, steps=steps, lr=lr, threads=threads, device=device, seed=seed,
                             max_seconds=max_minutes * 60 if max_minutes else None,
-                            checkpoint_minutes=checkpoint_minutes, validate_every=validate_every)
+                            checkpoint_minutes=checkpoint_minutes, validate_every=validate_every,
+                            fixed_quality=fixed_quality)
         trainer = Trainer(opts)
         if init_from and trainer.step == 0:
-            from ..codec import registry
-
-            start = registry.load_float_model(init_from)
-            if start.config() != trainer.model.config():
-                raise ConfigError(f"--init-from {init_from} is {start.config()}, this run is {trainer.model.config()}")
-            trainer.model.load_state_dict(start.state_dict())
+            trainer.init_from(init_from)
     except NicdError as err:
         fail(err)
     if not stderr.is_terminal:

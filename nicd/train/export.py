@@ -40,6 +40,8 @@ def export_checkpoint(checkpoint: Path, name: str, directory: Path, alias: str |
         "wall_seconds": round(ckpt.get("wall_seconds", 0.0), 1),
         "hardware": f"{platform.machine()} {platform.processor() or ''}".strip(),
     }
+    if opts.get("extra", {}).get("init_from"):
+        training["init_from"] = opts["extra"]["init_from"]
     # Only this name's own exports: "<name>-<8 hex>.npz" (a longer name sharing the prefix is another model).
     own = re.compile(rf"^{re.escape(name)}-[0-9a-f]{{8}}\.npz$")
     previous = [p for p in directory.glob("*.npz") if own.match(p.name)]

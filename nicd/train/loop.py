@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..codec.metrics import MSSSIM_MIN_SIDE
 from ..codec.models import LAMBDAS_MSE, LAMBDAS_MSSSIM, QUALITIES, build_model
 from ..errors import ConfigError
 from ..fsutil import atomic_write_bytes
@@ -47,6 +48,9 @@ class TrainOptions:
     checkpoint_minutes: float = 5.0
     validate_every: int = 500
     max_seconds: float | None = None
+    # None: variable rate, every batch draws quality levels uniformly. An int (1..8): a fixed-rate run
+    # trained at that level only, the control for measuring what variable rate costs.
+    fixed_quality: int | None = None
     extra: dict = field(default_factory=dict)
 
 
@@ -103,6 +107,8 @@ class Trainer:
     def __init__(self, opts: TrainOptions):
         self.opts = opts
         _lambdas(opts.metric)
+        if opts.fixed_quality is not None and not 1 <= opts.fixed_quality <= QUALITIES:
+            raise ConfigError(f"fixed quality {opts.fixed_quality} is outside 1..{QUALITIES}")
         torch.set_num_threads(opts.threads)
         self.run_dir = Path(opts.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,6 +129,29 @@ class Trainer:
             self._load()
 
     # -- checkpoints -------------------------------------------------------------------------
+    def init_from(self, source: str) -> None:
+        """Start this (new) run from a shipped model (name, alias or .npz) or another run's checkpoint.pt.
+
+        Only the weights are taken: optimizer, step and sampler start afresh. The source is recorded in
+        the checkpoint so that the model card can say what the run was fine-tuned from.
+        """
+        if self.step:
+            raise ConfigError(f"run {self.run_dir} has already started; --init-from applies only to a new run")
+        if source.endswith(".pt"):
+            ckpt = torch.load(source, map_location="cpu", weights_only=False)
+            config, state = ckpt["config"], ckpt["model"]
+            origin = {"checkpoint": str(source), "step": ckpt["step"], "wall_seconds": ckpt.get("wall_seconds", 0.0)}
+        else:
+            from ..codec import registry
+
+            start = registry.load_float_model(source)
+            config, state = start.config(), start.state_dict()
+            origin = {"model": source}
+        if config != self.model.config():
+            raise ConfigError(f"--init-from {source} is {config}, this run is {self.model.config()}")
+        self.model.load_state_dict(state)
+        self.opts.extra["init_from"] = origin
+
     def _load(self) -> None:
         # RNG states must stay CPU tensors: load everything on the CPU, the model moves itself below.
         ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
@@ -162,7 +191,10 @@ class Trainer:
     def train_step(self) -> dict:
         self.model.train()
         x = torch.from_numpy(self.sampler.sample()).to(self.device).float() / 255.0
-        q = torch.randint(0, QUALITIES, (x.shape[0],), device=self.device)
+        if self.opts.fixed_quality:
+            q = torch.full((x.shape[0],), self.opts.fixed_quality - 1, device=self.device)
+        else:
+            q = torch.randint(0, QUALITIES, (x.shape[0],), device=self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         out = self.model(x, q)
@@ -180,7 +212,7 @@ class Trainer:
         self.model.eval()
         result = {}
         for quality in qualities:
-            bpps, psnrs = [], []
+            bpps, psnrs, mss = [], [], []
             for im in self.val_images[:images]:
                 h, w = im.shape[:2]
                 c = min(crop, h, w) // 64 * 64
@@ -192,8 +224,15 @@ class Trainer:
                 bpps.append(float(bits) / (c * c))
                 mse = float(((out["x_hat"].clamp(0, 1) * 255).round() / 255 - x).pow(2).mean())
                 psnrs.append(10 * math.log10(1 / max(mse, 1e-12)))
+                if self.opts.metric == "ms-ssim" and c >= MSSSIM_MIN_SIDE:
+                    from pytorch_msssim import ms_ssim
+
+                    x_q = (out["x_hat"].clamp(0, 1) * 255).round()
+                    mss.append(float(ms_ssim(x_q, x * 255, data_range=255)))
             result[f"q{quality}_bpp"] = float(np.mean(bpps))
             result[f"q{quality}_psnr"] = float(np.mean(psnrs))
+            if mss:  # only ms-ssim runs carry these columns, so a run's CSV header never changes
+                result[f"q{quality}_ms_ssim"] = float(np.mean(mss))
         return result
 
     def _append_curve(self, row: dict) -> None:
