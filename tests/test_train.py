@@ -173,3 +173,9 @@ def test_patch_must_fit_the_model_stride(small_train, tmp_path):
 
     with pytest.raises(ConfigError, match="patch"):
         Trainer(opts(tmp_path / "run", small_train, patch=100))
+
+
+def test_learning_rate_drops_tenfold_at_the_decay_step(small_train, tmp_path):
+    trainer = Trainer(opts(tmp_path / "run", small_train, lr=2e-4, lr_decay_step=100))
+    assert [trainer.lr_at(s) for s in (0, 99, 100, 10_000)] == [2e-4, 2e-4, pytest.approx(2e-5), pytest.approx(2e-5)]
+    assert Trainer(opts(tmp_path / "run2", small_train, lr=2e-4, steps=10)).lr_at(9) == 2e-4

@@ -246,6 +246,7 @@ def train(
     batch: int = typer.Option(8, "--batch"),
     steps: int = typer.Option(1_000_000, "--steps"),
     lr: float = typer.Option(1e-4, "--lr"),
+    lr_decay_step: Optional[int] = typer.Option(None, "--lr-decay-step", help="From this step on, train at lr/10 (the final annealing phase)."),
     threads: int = typer.Option(1, "--threads", help="CPU threads (keep one core for other work)."),
     device: str = typer.Option("cpu", "--device"),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes"),
@@ -271,7 +272,7 @@ def train(
                             patch=patch, batch=batch, steps=steps, lr=lr, threads=threads, device=device, seed=seed,
                             max_seconds=max_minutes * 60 if max_minutes else None,
                             checkpoint_minutes=checkpoint_minutes, validate_every=validate_every,
-                            fixed_quality=fixed_quality)
+                            fixed_quality=fixed_quality, lr_decay_step=lr_decay_step)
         trainer = Trainer(opts)
         if init_from and trainer.step == 0:
             trainer.init_from(init_from)

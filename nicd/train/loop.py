@@ -40,7 +40,9 @@ class TrainOptions:
     batch: int = 8
     steps: int = 1_000_000
     lr: float = 1e-4
-    lr_decay_at: float = 0.85  # fraction of `steps` after which lr drops 10×
+    # The step from which lr drops 10× (the final annealing phase, Ballé et al. 2018). Absolute, not a
+    # fraction of `steps`: runs go on across sessions and `steps` is often only where this sitting stops.
+    lr_decay_step: int | None = None
     clip: float = 1.0
     seed: int = 0
     threads: int = 1
@@ -186,7 +188,8 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        return self.opts.lr * (0.1 if step >= self.opts.lr_decay_at * self.opts.steps else 1.0)
+        decay = self.opts.lr_decay_step
+        return self.opts.lr * (0.1 if decay is not None and step >= decay else 1.0)
 
     def train_step(self) -> dict:
         self.model.train()
