@@ -49,6 +49,8 @@ def bd_rate(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) 
 
     def prep(curve):
         pts = sorted((q, np.log(r)) for r, q in curve if r > 0)
+        if not pts:  # e.g. no MS-SSIM on images smaller than its 161-pixel minimum
+            return np.array([]), np.array([])
         q = np.array([p[0] for p in pts])
         lr = np.array([p[1] for p in pts])
         keep = np.concatenate([[True], np.diff(q) > 1e-9])  # PCHIP needs strictly increasing x
@@ -125,9 +127,17 @@ def bytes_to_reach(rows: list[Row], codec: str, target: float = SSIM_TARGET) -> 
     return total, missing
 
 
+def ms_ssim_db(value: float) -> float:
+    """MS-SSIM on the decibel scale −10·log10(1 − MS-SSIM), on which BD-rates of MS-SSIM are taken
+    (as in Ballé et al. 2018 and Minnen et al. 2018: the linear scale crowds every codec near 1)."""
+    return float(-10 * np.log10(max(1 - value, 1e-12)))
+
+
 def summary(rows: list[Row]) -> dict:
     codecs = sorted({r.codec for r in rows}, key=lambda c: (c != "nicd", c))
     curves = {c: mean_curve(rows, c) for c in codecs}
+    ms_curves = {c: mean_curve([r for r in rows if r.ms_ssim is not None], c, "ms_ssim") for c in codecs}
+    ms_db = {c: [(b, ms_ssim_db(m)) for b, m in ms_curves[c]] for c in codecs}
     out = {"codecs": {}}
     for c in codecs:
         rs = [r for r in rows if r.codec == c]
@@ -135,9 +145,11 @@ def summary(rows: list[Row]) -> dict:
         reach, missing = bytes_to_reach(rows, c)
         out["codecs"][c] = {
             "curve": [{"bpp": b, "psnr": p} for b, p in curves[c]],
-            "curve_ms_ssim": [{"bpp": b, "ms_ssim": m} for b, m in mean_curve([r for r in rs if r.ms_ssim is not None], c, "ms_ssim")],
+            "curve_ms_ssim": [{"bpp": b, "ms_ssim": m} for b, m in ms_curves[c]],
             "bd_rate_vs_jpeg": bd_rate(curves["jpeg"], curves[c]) if "jpeg" in curves else None,
             "bd_rate_vs_avif": bd_rate(curves["avif"], curves[c]) if "avif" in curves else None,
+            "bd_rate_ms_ssim_vs_jpeg": bd_rate(ms_db["jpeg"], ms_db[c]) if "jpeg" in ms_db else None,
+            "bd_rate_ms_ssim_vs_avif": bd_rate(ms_db["avif"], ms_db[c]) if "avif" in ms_db else None,
             "bytes_to_ssim_0.97": reach,
             "images_never_reaching_ssim_0.97": missing,
             "encode_mpix_per_s": mp / max(sum(r.encode_seconds for r in rs), 1e-9),

@@ -44,3 +44,16 @@ def test_small_run_writes_rows_summary_and_plot(tmp_path):
     bench.plot(rows, tmp_path / "rd.png")
     with Image.open(tmp_path / "rd.png") as im:
         assert im.size[0] > 500
+
+
+def test_ms_ssim_bd_rate_is_taken_on_the_decibel_scale():
+    from nicd.bench import Row
+
+    def rows(codec, points):
+        return [Row(codec, i, "img", 10, 10, 1, bpp, 30.0, 0.9, ms, 0.0, 0.0) for i, (bpp, ms) in enumerate(points)]
+
+    jpeg = [(0.25, 0.90), (0.5, 0.95), (1.0, 0.98), (2.0, 0.99)]
+    half = [(b / 2, m) for b, m in jpeg]
+    s = bench.summary(rows("jpeg", jpeg) + rows("nicd", half))
+    assert abs(s["codecs"]["nicd"]["bd_rate_ms_ssim_vs_jpeg"] - (-0.5)) < 1e-9
+    assert abs(bench.ms_ssim_db(0.99) - 20.0) < 1e-9

@@ -13,6 +13,17 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:+.1f} %"
 
 
+def _origin(training: dict) -> list[str]:
+    origin = training.get("init_from")
+    if not origin:
+        return []
+    if "checkpoint" in origin:
+        source = f"a {origin['step']:,}-step checkpoint ({origin['wall_seconds'] / 3600:.1f} h) of `{Path(origin['checkpoint']).parent.name}`"
+    else:
+        source = f"model `{origin.get('model')}`"
+    return [f"- **Fine-tuned from** {source}; the step count and wall time below are this run's own."]
+
+
 def write_card(model_path: Path, summary: dict, command: str) -> None:
     card_path = model_path.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
@@ -24,10 +35,13 @@ def write_card(model_path: Path, summary: dict, command: str) -> None:
         "curve_ms_ssim": nicd["curve_ms_ssim"],
         "bd_rate_vs_jpeg": nicd["bd_rate_vs_jpeg"],
         "bd_rate_vs_avif": nicd["bd_rate_vs_avif"],
+        "bd_rate_ms_ssim_vs_jpeg": nicd.get("bd_rate_ms_ssim_vs_jpeg"),
+        "bd_rate_ms_ssim_vs_avif": nicd.get("bd_rate_ms_ssim_vs_avif"),
         "bytes_to_ssim_0.97": nicd["bytes_to_ssim_0.97"],
         "encode_mpix_per_s": nicd["encode_mpix_per_s"],
         "decode_mpix_per_s": nicd["decode_mpix_per_s"],
-        "baselines": {c: {"bd_rate_vs_jpeg": s["bd_rate_vs_jpeg"], "curve": s["curve"]}
+        "baselines": {c: {"bd_rate_vs_jpeg": s["bd_rate_vs_jpeg"], "bd_rate_ms_ssim_vs_jpeg": s.get("bd_rate_ms_ssim_vs_jpeg"),
+                          "curve": s["curve"]}
                       for c, s in summary["codecs"].items() if c != "nicd"},
     }
     _atomic_write_text(card_path, json.dumps(card, indent=2) + "\n")
@@ -37,6 +51,7 @@ def write_card(model_path: Path, summary: dict, command: str) -> None:
         "",
         f"- **Architecture**: {arch.get('kind')} (N={arch.get('n')}, M={arch.get('m')}), "
         f"{card.get('parameters', 0):,} parameters; variable rate (gain units), quality 1–8.",
+        *_origin(training),
         f"- **Trained** on `shared/data/train` ({training.get('metric')} loss), {training.get('steps')} steps of "
         f"{training.get('batch')}×{training.get('patch')}² patches, {training.get('device')} "
         f"({training.get('threads')} thread(s), {training.get('hardware')}), {training.get('wall_seconds', 0) / 3600:.1f} h of training wall time.",
@@ -56,6 +71,11 @@ def write_card(model_path: Path, summary: dict, command: str) -> None:
         f"BD-rate against JPEG: **{_pct(nicd['bd_rate_vs_jpeg'])}**; against AVIF: {_pct(nicd['bd_rate_vs_avif'])} "
         "(negative = fewer bits at equal PSNR). Baselines measured in the same run: "
         + ", ".join(f"{c} {_pct(s['bd_rate_vs_jpeg'])}" for c, s in summary["codecs"].items() if c not in ("nicd", "jpeg"))
+        + " against JPEG.",
+        "",
+        f"BD-rate at equal MS-SSIM (on −10·log10(1 − MS-SSIM)): against JPEG **{_pct(nicd.get('bd_rate_ms_ssim_vs_jpeg'))}**, "
+        f"against AVIF {_pct(nicd.get('bd_rate_ms_ssim_vs_avif'))}; baselines: "
+        + ", ".join(f"{c} {_pct(s.get('bd_rate_ms_ssim_vs_jpeg'))}" for c, s in summary["codecs"].items() if c not in ("nicd", "jpeg"))
         + " against JPEG.",
         "",
         f"Speed on the measuring machine: encode {nicd['encode_mpix_per_s']:.2f} MP/s (analysis + entropy coding, one image at a time), "
