@@ -345,3 +345,16 @@ def test_psnr_rises_with_quality(codec):
     psnrs = [r.psnr for r in res]
     assert sizes == sorted(sizes), sizes
     assert psnrs == sorted(psnrs), psnrs
+
+
+def test_learned_tables_equal_those_over_a_wide_grid():
+    """The tail-bounded grid the export evaluates loses nothing against a brute-force ±1024 grid."""
+    from nicd.codec.frozen import _learned_tables
+    from nicd.codec.tables import factorized_tables
+
+    density = registry.load_float_model("default").density_z
+    bounded = _learned_tables(density).to_arrays("z")
+    wide = factorized_tables(density.pmf_on_grid(-1024, 1024), -1024).to_arrays("z")
+    assert bounded.keys() == wide.keys()
+    for key in bounded:
+        np.testing.assert_array_equal(bounded[key], wide[key])

@@ -179,3 +179,45 @@ def test_learning_rate_drops_tenfold_at_the_decay_step(small_train, tmp_path):
     trainer = Trainer(opts(tmp_path / "run", small_train, lr=2e-4, lr_decay_step=100))
     assert [trainer.lr_at(s) for s in (0, 99, 100, 10_000)] == [2e-4, 2e-4, pytest.approx(2e-5), pytest.approx(2e-5)]
     assert Trainer(opts(tmp_path / "run2", small_train, lr=2e-4, steps=10)).lr_at(9) == 2e-4
+
+
+def test_aux_loss_moves_the_quantiles_to_the_tails():
+    from nicd.codec.density import FactorizedDensity
+
+    torch.manual_seed(0)
+    density = FactorizedDensity(4)
+    exact_lo, exact_hi = density.tail_bounds()
+    median, _ = density.tail_bounds(tail=1.0)  # CDF = ½ on both sides
+    optimizer = torch.optim.Adam([density.quantiles], lr=1.0)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [1500, 2500], 0.03)
+    first = float(density.aux_loss().detach())
+    for _ in range(3000):
+        optimizer.zero_grad()
+        density.aux_loss().backward()
+        optimizer.step()
+        schedule.step()
+    q = density.quantiles.detach().reshape(-1, 3).numpy()
+    assert float(density.aux_loss().detach()) < 1e-3 * first
+    np.testing.assert_allclose(q[:, 0], exact_lo, atol=0.05)
+    np.testing.assert_allclose(q[:, 1], median, atol=0.05)
+    np.testing.assert_allclose(q[:, 2], exact_hi, atol=0.05)
+
+
+def test_weights_saved_before_the_quantiles_still_load():
+    from nicd.codec.models import build_model
+
+    model = build_model({"kind": "mean-scale", "n": 16, "m": 24})
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("quantiles")}
+    fresh = build_model({"kind": "mean-scale", "n": 16, "m": 24})
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.density_z.quantiles, model.density_z.quantiles)
+
+
+def test_training_steps_the_aux_loss_and_checkpoints_its_optimizer(small_train, tmp_path):
+    trainer = Trainer(opts(tmp_path / "run", small_train, steps=4))
+    before = trainer.model.density_z.quantiles.detach().clone()
+    aux = []
+    trainer.run(on_progress=lambda p: aux.append(p["aux"]))
+    assert len(aux) == 4 and not torch.equal(before, trainer.model.density_z.quantiles)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ckpt["aux_optimizer"]["state"]

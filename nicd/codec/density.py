@@ -9,6 +9,7 @@ The frozen integer tables that the entropy coder uses are built from these in `t
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -17,17 +18,25 @@ from torch import nn
 from torch.nn import functional as F
 
 from .layers import lower_bound
+from .tables import TAIL_MASS
 
 LIKELIHOOD_BOUND = 1e-9
 SCALE_BOUND = 0.11
+TAIL_LOGIT = math.log(2 / TAIL_MASS - 1)  # logit of TAIL_MASS / 2, negated
 
 
 class FactorizedDensity(nn.Module):
-    """A learned cumulative distribution per channel: a small monotone MLP per channel."""
+    """A learned cumulative distribution per channel: a small monotone MLP per channel.
+
+    `quantiles` (C, 1, 3) track where each channel's CDF is TAIL_MASS/2, ½ and 1 − TAIL_MASS/2; they are
+    learned by `aux_loss` alone, on their own optimizer (Ballé et al. 2018; CompressAI's
+    EntropyBottleneck), and tell the export where the probability mass lies.
+    """
 
     def __init__(self, channels: int, filters=(3, 3, 3), init_scale: float = 10.0):
         super().__init__()
         self.channels = channels
+        self.quantiles = nn.Parameter(torch.tensor([-init_scale, 0.0, init_scale]).repeat(channels, 1, 1))
         dims = (1,) + tuple(filters) + (1,)
         scale = init_scale ** (1 / (len(filters) + 1))
         self.matrices = nn.ParameterList()
@@ -48,6 +57,47 @@ class FactorizedDensity(nn.Module):
                 x = x + torch.tanh(self.factors[i]) * torch.tanh(x)
         return x
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Weights saved before the quantiles existed: start them where a new model would.
+        state_dict.setdefault(prefix + "quantiles", self.quantiles.detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def aux_loss(self) -> torch.Tensor:
+        """Σ |logit CDF(quantile) − target|: zero when the quantiles sit at the tails and the median."""
+        target = torch.tensor([-TAIL_LOGIT, 0.0, TAIL_LOGIT], dtype=self.quantiles.dtype, device=self.quantiles.device)
+        return (self.logits_cdf(self.quantiles) - target).abs().sum()
+
+    @torch.no_grad()
+    def tail_bounds(self, tail: float = TAIL_MASS, limit: float = 2.0**16) -> tuple[np.ndarray, np.ndarray]:
+        """Per channel, the exact (float64) points where the CDF is tail/2 and 1 − tail/2.
+
+        The CDF is monotone, so bisection finds them; the learned quantiles only seed the bracket, so
+        an aux loss that has not converged (or weights from before it existed) cannot cut off mass.
+        Clamped to ±limit, beyond which values are escapes anyway.
+        """
+        density = copy.deepcopy(self).double()
+
+        def f(v: np.ndarray) -> np.ndarray:
+            return density.logits_cdf(torch.from_numpy(v).reshape(-1, 1, 1)).reshape(-1).numpy()
+
+        q = density.quantiles.detach().reshape(-1, 3).numpy()
+        bounds, logit = [], math.log(2 / tail - 1)
+        for column, target in ((0, -logit), (2, logit)):
+            lo, hi = q[:, column] - 1.0, q[:, column] + 1.0
+            for _ in range(64):  # widen the bracket until it holds the target
+                below, above = f(lo) > target, f(hi) < target
+                if not (below.any() or above.any()):
+                    break
+                width = hi - lo
+                lo = np.where(below, np.maximum(lo - width, -limit), lo)
+                hi = np.where(above, np.minimum(hi + width, limit), hi)
+            for _ in range(64):
+                mid = (lo + hi) / 2
+                low = f(mid) < target
+                lo, hi = np.where(low, mid, lo), np.where(low, hi, mid)
+            bounds.append(np.clip((lo + hi) / 2, -limit, limit))
+        return bounds[0], bounds[1]
+
     def likelihood(self, x: torch.Tensor) -> torch.Tensor:
         """Probability of the unit bin centred on each value of x, shape (B, C, H, W)."""
         b, c, h, w = x.shape
@@ -65,12 +115,11 @@ class FactorizedDensity(nn.Module):
         """Float64 probability of every integer in [lo, hi] per channel: (C, hi - lo + 1)."""
         grid = torch.arange(lo, hi + 1, dtype=torch.float64)
         v = grid.reshape(1, 1, -1).repeat(self.channels, 1, 1)
-        module = self.double()
+        module = copy.deepcopy(self).double()
         lower = module.logits_cdf(v - 0.5)
         upper = module.logits_cdf(v + 0.5)
         sign = -torch.sign(lower + upper)
         p = torch.abs(torch.sigmoid(sign * upper) - torch.sigmoid(sign * lower))
-        self.float()
         return p.reshape(self.channels, -1).numpy()
 
 

@@ -27,7 +27,6 @@ from .tables import TableSet, factorized_tables, gaussian_tables, scale_table
 
 Z_LIMIT = 1 << 15  # |z| clip: keeps the integer network inside its proven exact range
 Y_LIMIT = 1 << 24
-DENSITY_GRID = 1024
 
 
 @dataclass
@@ -36,6 +35,17 @@ class CodedLatents:
     symbol_crc: int
     estimated_bits: float  # −Σ log2 of the model's likelihoods of the coded symbols
     y_hat: np.ndarray  # (M, h, w) float64, what the decoder will reconstruct
+
+
+def _learned_tables(density) -> TableSet:
+    """Tables of a learned factorized density, trimmed to all but TAIL_MASS of each channel's mass.
+
+    The density is evaluated on the integers holding all but 1e-15 of every channel's mass (within
+    ±Z_LIMIT: beyond are escapes), so the trim sees the whole distribution."""
+    lower, upper = density.tail_bounds(tail=1e-15)
+    lo = int(max(np.floor(lower.min()) - 1, -Z_LIMIT))
+    hi = int(min(np.ceil(upper.max()) + 1, Z_LIMIT))
+    return factorized_tables(density.pmf_on_grid(lo, hi), lo)
 
 
 def symbol_crc(*arrays: np.ndarray) -> int:
@@ -87,13 +97,11 @@ class FrozenModel:
         """Integer tables (and integer h_s) for a trained model, as stored in its weights file."""
         arrays: dict[str, np.ndarray] = {}
         if isinstance(model, MeanScaleHyperprior):
-            grid = model.density_z.pmf_on_grid(-DENSITY_GRID, DENSITY_GRID)
-            arrays.update(factorized_tables(grid, -DENSITY_GRID).to_arrays("z"))
+            arrays.update(_learned_tables(model.density_z).to_arrays("z"))
             arrays.update(gaussian_tables().to_arrays("y"))
             arrays.update(IntegerHyperSynthesis.from_float(model.h_s).state())
         else:
-            grid = model.density_y.pmf_on_grid(-DENSITY_GRID, DENSITY_GRID)
-            arrays.update(factorized_tables(grid, -DENSITY_GRID).to_arrays("y"))
+            arrays.update(_learned_tables(model.density_y).to_arrays("y"))
         return {k: (v.astype(np.int32) if k.endswith(".counts") else v) for k, v in arrays.items()}
 
     # -- transforms ----------------------------------------------------------------------------

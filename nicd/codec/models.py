@@ -84,6 +84,17 @@ class CodecModel(nn.Module):
     def config(self) -> dict:
         return {"kind": self.kind, "n": self.n, "m": self.m}
 
+    def aux_loss(self) -> torch.Tensor:
+        """The factorized densities' quantile loss (see `FactorizedDensity.aux_loss`)."""
+        return sum(m.aux_loss() for m in self.modules() if isinstance(m, FactorizedDensity))
+
+    def aux_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by the aux loss alone, on their own optimizer."""
+        return [p for name, p in self.named_parameters() if name.endswith("quantiles")]
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.endswith("quantiles")]
+
 
 class FactorizedPrior(CodecModel):
     kind = "factorized"
