@@ -221,3 +221,11 @@ def test_training_steps_the_aux_loss_and_checkpoints_its_optimizer(small_train, 
     assert len(aux) == 4 and not torch.equal(before, trainer.model.density_z.quantiles)
     ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert ckpt["aux_optimizer"]["state"]
+
+
+def test_bf16_autocast_run_lowers_the_loss_and_keeps_float32_weights(small_train, tmp_path):
+    trainer = Trainer(opts(tmp_path / "run", small_train, steps=60, bf16=True))
+    losses = []
+    trainer.run(on_progress=lambda p: losses.append(p["loss"]))
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), (losses[:10], losses[-10:])
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())

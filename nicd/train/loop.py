@@ -53,6 +53,9 @@ class TrainOptions:
     # None: variable rate, every batch draws quality levels uniformly. An int (1..8): a fixed-rate run
     # trained at that level only, the control for measuring what variable rate costs.
     fixed_quality: int | None = None
+    # bfloat16 autocast for the forward pass (convolutions in bf16, ~1.8× faster on a CPU with
+    # AVX512-BF16); weights, optimizer and loss stay float32, validation runs in float32.
+    bf16: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -210,7 +213,10 @@ class Trainer:
             q = torch.randint(0, QUALITIES, (x.shape[0],), device=self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        out = self.model(x, q)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opts.bf16):
+            out = self.model(x, q)
+        if self.opts.bf16:  # the loss (rates, MSE, MS-SSIM) is always summed in float32
+            out = {"x_hat": out["x_hat"].float(), "likelihoods": {k: v.float() for k, v in out["likelihoods"].items()}}
         losses = rd_loss(out, x, q, self.opts.metric)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
