@@ -9,10 +9,12 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -23,8 +25,6 @@ import pytest
 from PIL import Image, ImageFile, JpegImagePlugin, PngImagePlugin
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
 
 from nicd.codec import imageio as IO  # noqa: E402
 from nicd.codec.imageio import (  # noqa: E402
@@ -34,7 +34,7 @@ from nicd.codec.imageio import (  # noqa: E402
     restore_image,
     save_image,
 )
-from nicd.errors import FormatError, InputError, StorageError  # noqa: E402
+from nicd.errors import FormatError, InputError, NicdError, StorageError  # noqa: E402
 
 RNG_SEED = 1234
 
@@ -630,14 +630,36 @@ def test_max_pixels_enforced(tmp_path):
 
 
 def test_error_permission_chmod(tmp_path):
-    path = save(random_image("RGB", 4, 4), tmp_path / "secret.png")
-    os.chmod(path, 0)
+    if os.geteuid() != 0:
+        path = save(random_image("RGB", 4, 4), tmp_path / "secret.png")
+        os.chmod(path, 0)
+        try:
+            expect_error("E_PERMISSION", path)
+        finally:
+            os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        return
+    # Root reads any file, so a forked child drops to `nobody` and tries a file only root may read.
+    folder = Path(tempfile.mkdtemp(prefix="nicd-perm-"))
     try:
-        if os.geteuid() == 0:
-            pytest.skip("root reads any file; the permission path is covered by the monkeypatched test")
-        expect_error("E_PERMISSION", path)
+        folder.chmod(0o755)
+        path = save(random_image("RGB", 4, 4), folder / "secret.png")
+        os.chmod(path, 0o600)
+        pid = os.fork()
+        if pid == 0:  # child: exit 0 only for the right error code
+            status = 4
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                load_image(path)
+                status = 2
+            except NicdError as err:
+                status = 0 if err.code == "E_PERMISSION" else 3
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
     finally:
-        os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+        shutil.rmtree(folder)
 
 
 def test_error_permission_on_open(tmp_path, monkeypatch):
