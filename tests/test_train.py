@@ -54,10 +54,10 @@ def test_resumed_run_equals_uninterrupted(small_train, tmp_path):
     resumed = Trainer(opts(tmp_path / "b", small_train, steps=8))
     assert resumed.step == 4
     resumed.run()
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for a, b in ((full.model.state_dict(), resumed.model.state_dict()), (full.ema.state_dict(), resumed.ema.state_dict())):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
 
 
 def test_validation_curve_is_written(small_train, tmp_path):
@@ -229,3 +229,21 @@ def test_bf16_autocast_run_lowers_the_loss_and_keeps_float32_weights(small_train
     trainer.run(on_progress=lambda p: losses.append(p["loss"]))
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), (losses[:10], losses[-10:])
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+
+
+def test_export_ships_the_weight_average(small_train, tmp_path):
+    trainer = Trainer(opts(tmp_path / "run", small_train, steps=5, ema_decay=0.5))
+    trainer.run()
+    raw, avg = trainer.model.state_dict(), trainer.ema.state_dict()
+    assert not torch.equal(raw["g_s.0.weight"], avg["g_s.0.weight"])
+    info = export_checkpoint(tmp_path / "run" / "checkpoint.pt", "avg", tmp_path / "models")
+    assert json.loads(info.path.with_suffix(".json").read_text())["training"]["weights"].startswith("exponential")
+    shipped = registry.load_float_model(str(info.path))
+    # float16 weights in the file: equal to the average, not to the last step, within half precision
+    w = shipped.state_dict()["g_s.0.weight"].float()
+    assert (w - avg["g_s.0.weight"]).abs().max() < 1e-4 < 3e-4 < (w - raw["g_s.0.weight"]).abs().max()
+    plain = Trainer(opts(tmp_path / "plain", small_train, steps=1, ema_decay=0.0))
+    plain.run()
+    assert plain.ema is None
+    info = export_checkpoint(tmp_path / "plain" / "checkpoint.pt", "plain", tmp_path / "models")
+    assert json.loads(info.path.with_suffix(".json").read_text())["training"]["weights"] == "last step"

@@ -254,6 +254,7 @@ def train(
     validate_every: int = typer.Option(500, "--validate-every"),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start a new run from a shipped model's weights or another run's checkpoint.pt (e.g. an MS-SSIM fine-tune of an MSE run)."),
     seed: int = typer.Option(0, "--seed"),
+    ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=0.99999, help="Decay of the weight average that validation measures and export ships; 0: ship the last step's weights."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast for the forward pass (faster on CPUs with AVX512-BF16 and on GPUs); weights stay float32."),
     fixed_quality: Optional[int] = typer.Option(None, "--fixed-quality", help="Train at this one quality level only (a fixed-rate control run); default: all levels."),
     pack: Optional[Path] = typer.Option(None, "--pack", help="Instead of training, write a compact (≤50 MB) training pack of --data to this .npz."),
@@ -273,7 +274,8 @@ def train(
                             patch=patch, batch=batch, steps=steps, lr=lr, threads=threads, device=device, seed=seed,
                             max_seconds=max_minutes * 60 if max_minutes else None,
                             checkpoint_minutes=checkpoint_minutes, validate_every=validate_every,
-                            fixed_quality=fixed_quality, lr_decay_step=lr_decay_step, bf16=bf16)
+                            fixed_quality=fixed_quality, lr_decay_step=lr_decay_step, bf16=bf16,
+                            ema_decay=ema_decay)
         trainer = Trainer(opts)
         if init_from and trainer.step == 0:
             trainer.init_from(init_from)

@@ -25,7 +25,8 @@ def export_checkpoint(checkpoint: Path, name: str, directory: Path, alias: str |
                       card_extra: dict | None = None) -> registry.ModelInfo:
     ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = build_model(ckpt["config"])
-    model.load_state_dict(ckpt["model"])
+    averaged = ckpt.get("ema") is not None
+    model.load_state_dict(ckpt["ema"] if averaged else ckpt["model"])
     opts = ckpt["options"]
     training = {
         "metric": opts["metric"],
@@ -38,6 +39,7 @@ def export_checkpoint(checkpoint: Path, name: str, directory: Path, alias: str |
         "device": ckpt.get("device", "cpu"),
         "threads": opts.get("threads"),
         "wall_seconds": round(ckpt.get("wall_seconds", 0.0), 1),
+        "weights": f"exponential moving average, decay {opts.get('ema_decay')}" if averaged else "last step",
         "hardware": f"{platform.machine()} {platform.processor() or ''}".strip(),
     }
     if opts.get("extra", {}).get("init_from"):
