@@ -163,9 +163,11 @@ def test_init_from_a_checkpoint_is_recorded_in_the_card(small_train, tmp_path):
     for k, v in source.model.state_dict().items():
         assert torch.equal(v, tuned.model.state_dict()[k]), k
     tuned.run()
+    resumed = Trainer(opts(tmp_path / "tuned", small_train, steps=1))  # the record survives a resumption
+    resumed.run()
     info = export_checkpoint(tmp_path / "tuned" / "checkpoint.pt", "tuned", tmp_path / "models")
     card = json.loads(info.path.with_suffix(".json").read_text())
-    assert card["training"]["init_from"]["step"] == 3 and card["training"]["steps"] == 0
+    assert card["training"]["init_from"]["step"] == 3 and card["training"]["steps"] == 1
 
 
 def test_patch_must_fit_the_model_stride(small_train, tmp_path):

@@ -200,6 +200,8 @@ class Trainer:
         for key in ("kind", "n", "m", "metric"):
             if saved[key] != getattr(self.opts, key):
                 raise ConfigError(f"run {self.run_dir} was started with {key}={saved[key]!r}, not {getattr(self.opts, key)!r}")
+        # What a run was started from stays with it across resumptions (the model card quotes it).
+        self.opts.extra = {**saved.get("extra", {}), **self.opts.extra}
         self.model.load_state_dict(ckpt["model"])
         if self.ema is not None:
             # A run checkpointed without an average starts one from its current weights.
