@@ -1,0 +1,65 @@
+"""Kodak figures of training checkpoints or shipped models, straight from the float model: estimated
+bpp (−log2 of the rounded latents' likelihoods) and PSNR of the rounded output, per quality level.
+No entropy coding and no export, so it is quick enough to compare snapshots before choosing one to
+export; `nicd bench` measures the real bitstreams of the one that ships.
+
+    python benchmarks/checkpoints_on_kodak.py --qualities 1,4,8 default runs/msh-96-144-mse/checkpoint.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nicd.codec import registry
+from nicd.codec.models import build_model
+
+
+def load(source: str, raw: bool) -> torch.nn.Module:
+    if source.endswith(".pt"):
+        ckpt = torch.load(source, map_location="cpu", weights_only=False)
+        model = build_model(ckpt["config"])
+        use_ema = ckpt.get("ema") is not None and not raw
+        model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
+        return model
+    return registry.load_float_model(source).float()
+
+
+@torch.no_grad()
+def figures(model: torch.nn.Module, images: list[np.ndarray], quality: int) -> tuple[float, float]:
+    bpps, psnrs = [], []
+    for rgb in images:
+        x = torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None].float() / 255
+        out = model(x, torch.tensor([quality - 1]))
+        bits = sum(float(-torch.log2(lk).sum()) for lk in out["likelihoods"].values())
+        bpps.append(bits / (x.shape[2] * x.shape[3]))
+        x_hat = (out["x_hat"].clamp(0, 1) * 255).round() / 255
+        psnrs.append(10 * math.log10(1 / float(((x_hat - x) ** 2).mean())))
+    return float(np.mean(bpps)), float(np.mean(psnrs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sources", nargs="+", help="checkpoint.pt files, model names or .npz paths")
+    parser.add_argument("--qualities", default="1,4,8")
+    parser.add_argument("--images", type=Path, default=Path("../shared/data/kodak"))
+    parser.add_argument("--raw", action="store_true", help="a checkpoint's last-step weights, not its average")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(args.images.glob("*.png"))]
+    qualities = [int(q) for q in args.qualities.split(",")]
+    print(f"{len(images)} images; bpp / PSNR (dB) per quality")
+    for source in args.sources:
+        model = load(source, args.raw).eval()
+        cells = [f"q{q} {b:.3f}/{p:.2f}" for q in qualities for b, p in [figures(model, images, q)]]
+        print(f"{source}: " + "  ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
