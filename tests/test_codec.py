@@ -298,10 +298,24 @@ GOLDEN_FIXTURES = {
 }
 
 
-def test_golden_bitstreams(codec):
-    """Bitstream and decoded-pixel hashes of the shipped default model on fixed inputs.
+SHIPPED_MODELS = sorted(registry.list_models())
+REGENERATE = os.environ.get("NICD_REGENERATE_EXPECTED") == "1"
+
+
+def test_every_shipped_model_has_golden_hashes():
+    if REGENERATE:
+        for old in EXPECTED.glob("golden-*.json"):
+            if old.stem.removeprefix("golden-") not in SHIPPED_MODELS:
+                old.unlink()
+    assert sorted(p.stem.removeprefix("golden-") for p in EXPECTED.glob("golden-*.json")) == SHIPPED_MODELS or REGENERATE
+
+
+@pytest.mark.parametrize("model_id", SHIPPED_MODELS)
+def test_golden_bitstreams(model_id):
+    """Bitstream and decoded-pixel hashes of each shipped model on fixed inputs.
 
     Regenerate only on purpose (a new model or format version): NICD_REGENERATE_EXPECTED=1."""
+    codec = load_codec(model_id, "cpu")
     path = EXPECTED / f"golden-{codec.model_id}.json"
     got = {}
     for name, make in GOLDEN_FIXTURES.items():
@@ -311,9 +325,7 @@ def test_golden_bitstreams(codec):
                 "bitstream": hashlib.sha256(res.data).hexdigest(),
                 "decoded": hashlib.sha256(codec.decode_rgb(res.data).tobytes()).hexdigest(),
             }
-    if os.environ.get("NICD_REGENERATE_EXPECTED") == "1":
-        for old in EXPECTED.glob("golden-*.json"):
-            old.unlink()
+    if REGENERATE:
         path.write_text(json.dumps(got, indent=2, sort_keys=True) + "\n")
     assert path.exists(), f"no golden hashes for {codec.model_id}: run with NICD_REGENERATE_EXPECTED=1 once, on purpose"
     expected = json.loads(path.read_text())
