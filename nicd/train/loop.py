@@ -171,15 +171,18 @@ class Trainer:
     def init_from(self, source: str) -> None:
         """Start this (new) run from a shipped model (name, alias or .npz) or another run's checkpoint.pt.
 
-        Only the weights are taken: optimizer, step and sampler start afresh. The source is recorded in
+        Only the weights are taken (a checkpoint's average where it has one): optimizer, step and
+        sampler start afresh. The source is recorded in
         the checkpoint so that the model card can say what the run was fine-tuned from.
         """
         if self.step:
             raise ConfigError(f"run {self.run_dir} has already started; --init-from applies only to a new run")
         if source.endswith(".pt"):
             ckpt = torch.load(source, map_location="cpu", weights_only=False)
-            config, state = ckpt["config"], ckpt["model"]
-            origin = {"checkpoint": str(source), "step": ckpt["step"], "wall_seconds": ckpt.get("wall_seconds", 0.0)}
+            averaged = ckpt.get("ema") is not None  # the weights that run would ship
+            config, state = ckpt["config"], ckpt["ema"] if averaged else ckpt["model"]
+            origin = {"checkpoint": str(source), "step": ckpt["step"], "wall_seconds": ckpt.get("wall_seconds", 0.0),
+                      "weights": "average" if averaged else "last step"}
         else:
             from ..codec import registry
 
