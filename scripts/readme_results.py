@@ -2,8 +2,9 @@
 there is one a rerun of the quoted command reproduces.
 
     nicd bench --images ../shared/data/kodak --out bench-out --update-card
-    nicd bench --images ../shared/data/kodak --model ms-ssim --codecs jpeg,webp,avif --out bench-out-ms-ssim --update-card
+    nicd bench --images ../shared/data/kodak --model ms-ssim --out bench-out-ms-ssim --update-card
     python scripts/readme_results.py bench-out bench-out-ms-ssim
+    cp bench-out/rd.png docs/kodak-rd.png; cp bench-out-ms-ssim/rd.png docs/kodak-rd-ms-ssim.png
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def section(mse: dict, msssim: dict | None) -> str:
     text = f"""## Where the codec stands (measured)
 
 `nicd bench --images ../shared/data/kodak --update-card` on the {mse['count']} Kodak images, every codec in the
-same run on this 2-core CPU machine (PSNR on 8-bit RGB; BD-rate at equal PSNR, or at equal MS-SSIM in
-dB, negative = fewer bits):
+same run on this 2-core CPU machine (torch on one thread: the two benches ran side by side; PSNR on
+8-bit RGB; BD-rate at equal PSNR, or at equal MS-SSIM in dB, negative = fewer bits):
 
 {codec_table(mse, "nicd (default)")}
 
@@ -62,13 +63,15 @@ goes on (`docs/training.md`). The baselines reproduce `shared/design/baselines.m
         mc = card(msssim["model_id"])
         origin = mc["training"].get("init_from", {})
         text += f"""
-For SSIM targets, `--model ms-ssim` (`models/{msssim['model_id']}.md`) is the default model's
+For SSIM targets, `--model ms-ssim` (`models/{msssim['model_id']}.md`) is the MSE run's
 {origin.get('step', 0):,}-step checkpoint fine-tuned for {mc['training']['steps']:,} steps on `λ·(1 − MS-SSIM) + bpp`.
 Measured by `nicd bench --model ms-ssim --update-card --out bench-out-ms-ssim` in one run with the
 baselines: BD-rate at equal MS-SSIM {pct(m['bd_rate_ms_ssim_vs_jpeg'])} against JPEG and
 {pct(m['bd_rate_ms_ssim_vs_avif'])} against AVIF (the default model: {pct(mse['codecs']['nicd'].get('bd_rate_ms_ssim_vs_jpeg'))} and
 {pct(mse['codecs']['nicd'].get('bd_rate_ms_ssim_vs_avif'))}); mean bpp:MS-SSIM per quality
 {" ".join(f"{p['bpp']:.2f}:{p['ms_ssim']:.4f}" for p in m['curve_ms_ssim'])}.
+
+![MS-SSIM model on Kodak](docs/kodak-rd-ms-ssim.png)
 """
     return text + "\n"
 

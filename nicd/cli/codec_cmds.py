@@ -382,7 +382,8 @@ def bench(
     if update_card:
         from ..train.cards import write_card
 
-        write_card(codec.info.path, summary, command=f"nicd bench --images {images} --qualities {qualities} --codecs {codecs}")
+        write_card(codec.info.path, summary, command=f"nicd bench --images {images}" + (f" --model {model}" if model != "default" else "")
+                   + f" --qualities {qualities} --codecs {codecs}")
     if as_json:
         print_json(summary)
         return

@@ -54,7 +54,8 @@ def write_card(model_path: Path, summary: dict, command: str) -> None:
         *_origin(training),
         f"- **Trained** on `shared/data/train` ({training.get('metric')} loss), {training.get('steps')} steps of "
         f"{training.get('batch')}×{training.get('patch')}² patches, {training.get('device')} "
-        f"({training.get('threads')} thread(s), {training.get('hardware')}), {training.get('wall_seconds', 0) / 3600:.1f} h of training wall time.",
+        f"({training.get('threads')} thread(s), {training.get('hardware')}), {training.get('wall_seconds', 0) / 3600:.1f} h of training wall time"
+        + (f"; shipped weights: {training['weights']}." if training.get("weights") else "."),
         f"- **SHA-256**: `{card.get('sha256')}`",
         "",
         f"## Kodak ({card['kodak']['images']} images), measured by `{command}`",
