@@ -141,6 +141,20 @@ def test_a_database_not_created_yet_gives_an_empty_report(tmp_path):
     assert (tmp_path / "empty.png").exists()
 
 
+def test_ctrl_c_is_one_line_and_exit_130(archive, monkeypatch):
+    import nicd.archive.report as report_lib
+
+    cfg = archive[0]
+
+    def interrupted(*_a, **_kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report_lib, "report", interrupted)
+    r = runner.invoke(app, ["report", "--config", str(cfg)])
+    assert r.exit_code == 130
+    assert r.stderr.strip() == "nicd: report interrupted" and "Traceback" not in r.output
+
+
 def test_path_selection_is_exact_on_both_sql_forms():
     """The SQLite range form and the portable substr form select the same rows: whole path components,
     case-sensitive, no wildcards."""

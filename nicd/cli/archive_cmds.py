@@ -92,8 +92,26 @@ def _progress(label: str, enabled: bool) -> Iterator:
         yield update
 
 
-def _problem_line(path: Optional[str], message: str, code: Optional[str]) -> str:
-    return f"  {path + ': ' if path else ''}{message} [{code}]"
+@contextlib.contextmanager
+def _library_call(interrupted: str, as_json: bool) -> Iterator[None]:
+    """Ctrl-C: one line, exit 130. A NicdError: one line (or its JSON) and its exit code."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        stderr.print(f"nicd: {interrupted}", markup=False)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    except NicdError as err:
+        _fail(err, as_json)
+
+
+def _print_problems(header: str, problems: list) -> None:
+    """The failures a command found, one per line on stderr: path, message, error code."""
+    if not problems:
+        return
+    stderr.print(header, markup=False)
+    for p in problems:
+        where = f"{p.path}: " if p.path else ""
+        stderr.print(f"  {where}{p.message or ''} [{p.code}]", markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------- restore
@@ -131,17 +149,11 @@ def restore(
              exit_code=2)
     cfg = _config(config, as_json)
     stop = threading.Event()
-    try:
-        with _progress("restore", not as_json and not dry_run) as update:
-            cb = (lambda done, total, _item: update(done, total)) if update else None
-            result = run_restore([str(p) for p in paths], cfg, out=str(out) if out else None, format=fmt,
-                                 force=force, dry_run=dry_run, progress=cb, stop_event=stop)
-    except KeyboardInterrupt:
-        stderr.print("nicd: restore interrupted; the files written so far are complete, no partial file is left",
-                     markup=False)
-        raise typer.Exit(EXIT_INTERRUPTED)
-    except NicdError as err:
-        _fail(err, as_json)
+    with _library_call("restore interrupted; the files written so far are complete, no partial file is left",
+                       as_json), _progress("restore", not as_json and not dry_run) as update:
+        cb = (lambda done, total, _item: update(done, total)) if update else None
+        result = run_restore([str(p) for p in paths], cfg, out=str(out) if out else None, format=fmt,
+                             force=force, dry_run=dry_run, progress=cb, stop_event=stop)
     code = 0 if result.ok else 1
     if as_json:
         print_json(result.to_dict())
@@ -163,10 +175,7 @@ def restore(
     if result.failures:
         parts.append(f"{len(result.failures)} failed")
     stdout.print(", ".join(parts), markup=False, highlight=False, soft_wrap=True)
-    if result.failures:
-        stderr.print("failed:", markup=False)
-        for i in result.failures:
-            stderr.print(_problem_line(i.path, i.message or "", i.code), markup=False, highlight=False)
+    _print_problems("failed:", result.failures)
     raise typer.Exit(code)
 
 
@@ -193,11 +202,9 @@ def report(
     from ..archive.report import report as run_report
 
     cfg = _config(config, as_json)
-    try:
+    with _library_call("report interrupted", as_json):
         rep = run_report(cfg, str(path) if path is not None else None)
         plotted = draw(rep, str(plot)) if plot is not None else None
-    except NicdError as err:
-        _fail(err, as_json)
     if as_json:
         d = rep.to_dict()
         if plotted:
@@ -258,14 +265,8 @@ def check(
     from ..archive.check import check as run_check
 
     cfg = _config(config, as_json)
-    try:
-        with _progress("check", not as_json) as update:
-            result = run_check(cfg, full=full, progress=update)
-    except KeyboardInterrupt:
-        stderr.print("nicd: check interrupted", markup=False)
-        raise typer.Exit(EXIT_INTERRUPTED)
-    except NicdError as err:
-        _fail(err, as_json)
+    with _library_call("check interrupted", as_json), _progress("check", not as_json) as update:
+        result = run_check(cfg, full=full, progress=update)
     code = 0 if result.ok else 1
     if as_json:
         print_json(result.to_dict())
@@ -277,8 +278,5 @@ def check(
         line += (f"; {d['compared_with_original']} compared with their originals, "
                  f"{d['originals_gone']} without an original left")
     stdout.print(line, markup=False, highlight=False, soft_wrap=True)
-    if result.problems:
-        stderr.print(f"{len(result.problems)} problems:", markup=False)
-        for p in result.problems:
-            stderr.print(_problem_line(p.path, p.message, p.code), markup=False, highlight=False)
+    _print_problems(f"{len(result.problems)} problems:", result.problems)
     raise typer.Exit(code)
