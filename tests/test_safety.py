@@ -7,6 +7,7 @@ import hashlib
 import os
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -48,6 +49,15 @@ def _ingest_done(store, path: str, root: str) -> str:
     return sha
 
 
+def _coded_original(store, tmp_path: Path, content: bytes) -> tuple[Path, Path, str]:
+    """A watch root holding one file ``a.png`` whose content is coded and stored: (root, file, sha)."""
+    root = tmp_path / "root"
+    root.mkdir()
+    p = root / "a.png"
+    p.write_bytes(content)
+    return root, p, _ingest_done(store, str(p), str(root))
+
+
 def _events(store):
     from nicd.store.models import Event
 
@@ -69,11 +79,7 @@ def test_delete_keeps_a_version_saved_between_intent_and_unlink(store, tmp_path,
     from nicd.daemon import originals
     from nicd.store import catalog
 
-    root = tmp_path / "root"
-    root.mkdir()
-    p = root / "a.png"
-    p.write_bytes(b"ORIGINAL-v1")
-    sha = _ingest_done(store, str(p), str(root))
+    root, p, sha = _coded_original(store, tmp_path, b"ORIGINAL-v1")
 
     real_add = catalog.add_event
 
@@ -97,11 +103,7 @@ def test_delete_keeps_a_version_saved_between_intent_and_unlink(store, tmp_path,
 def test_delete_still_deletes_verified_content_and_leaves_no_hidden_file(store, tmp_path):
     from nicd.daemon import originals
 
-    root = tmp_path / "root"
-    root.mkdir()
-    p = root / "a.png"
-    p.write_bytes(b"ORIGINAL-v1")
-    sha = _ingest_done(store, str(p), str(root))
+    root, p, sha = _coded_original(store, tmp_path, b"ORIGINAL-v1")
     assert originals.OriginalsPolicy(store, "delete", _DecodeOK()).apply([sha]) == 1
     assert os.listdir(root) == []
     assert _file_state(store, str(p)) == "deleted"
@@ -166,11 +168,7 @@ def test_verify_stored_keeps_the_original_on_any_decoder_exception(store, tmp_pa
         def decode(self, data):
             raise RuntimeError("decoder bug")
 
-    root = tmp_path / "root"
-    root.mkdir()
-    p = root / "a.png"
-    p.write_bytes(b"A")
-    sha = _ingest_done(store, str(p), str(root))
+    root, p, sha = _coded_original(store, tmp_path, b"A")
     assert originals.OriginalsPolicy(store, "delete", Boom()).apply([sha]) == 0
     assert p.read_bytes() == b"A"
 
@@ -392,11 +390,7 @@ def test_repair_pairs_each_intent_with_what_follows_it(store, tmp_path):
     from nicd.daemon import originals
     from nicd.store import catalog
 
-    root = tmp_path / "root"
-    root.mkdir()
-    p = root / "a.png"
-    p.write_bytes(b"A")
-    sha = _ingest_done(store, str(p), str(root))
+    root, p, sha = _coded_original(store, tmp_path, b"A")
     with store.write() as c:
         catalog.add_event(c, "delete_intent", path=str(p), sha256=sha, detail=".nicd-del-1111")
         catalog.add_event(c, "delete_failed", path=str(p), sha256=sha, detail="permission denied")
