@@ -3,6 +3,10 @@ bpp (−log2 of the rounded latents' likelihoods) and PSNR of the rounded output
 No entropy coding and no export, so it is quick enough to compare snapshots before choosing one to
 export; `nicd bench` measures the real bitstreams of the one that ships.
 
+`--floor` adds, per quality, the PSNR of the transforms without quantization, g_s(g_a(x)): what that
+level could reach with infinitely fine steps. Where it sits close to the real PSNR, the transforms
+(not the quantization step) limit that level, and only more training of g_a / g_s raises it.
+
     python benchmarks/checkpoints_on_kodak.py --qualities 1,4,8 default runs/msh-96-144-mse/checkpoint.pt
 """
 
@@ -31,16 +35,24 @@ def load(source: str, raw: bool) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def figures(model: torch.nn.Module, images: list[np.ndarray], quality: int) -> tuple[float, float]:
-    bpps, psnrs = [], []
+def figures(model: torch.nn.Module, images: list[np.ndarray], quality: int, floor: bool = False) -> tuple:
+    """Mean (bpp, PSNR) at one quality level, and the mean unquantized PSNR when ``floor``."""
+    bpps, psnrs, floors = [], [], []
+    q = torch.tensor([quality - 1])
     for rgb in images:
         x = torch.from_numpy(rgb.transpose(2, 0, 1).copy())[None].float() / 255
-        out = model(x, torch.tensor([quality - 1]))
+        out = model(x, q)
         bits = sum(float(-torch.log2(lk).sum()) for lk in out["likelihoods"].values())
         bpps.append(bits / (x.shape[2] * x.shape[3]))
-        x_hat = (out["x_hat"].clamp(0, 1) * 255).round() / 255
-        psnrs.append(10 * math.log10(1 / float(((x_hat - x) ** 2).mean())))
-    return float(np.mean(bpps)), float(np.mean(psnrs))
+        psnrs.append(_psnr(out["x_hat"], x))
+        if floor:
+            floors.append(_psnr(model.g_s(model.g_a(x) * model.gain.gain(q) * model.gain.inverse(q)), x))
+    return float(np.mean(bpps)), float(np.mean(psnrs)), float(np.mean(floors)) if floors else None
+
+
+def _psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:
+    x_hat = (x_hat.clamp(0, 1) * 255).round() / 255
+    return 10 * math.log10(1 / float(((x_hat - x) ** 2).mean()))
 
 
 def main() -> None:
@@ -50,14 +62,16 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=Path("../shared/data/kodak"))
     parser.add_argument("--raw", action="store_true", help="a checkpoint's last-step weights, not its average")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--floor", action="store_true", help="also the PSNR without quantization (see above)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(args.images.glob("*.png"))]
     qualities = [int(q) for q in args.qualities.split(",")]
-    print(f"{len(images)} images; bpp / PSNR (dB) per quality")
+    print(f"{len(images)} images; bpp / PSNR (dB){' (unquantized PSNR)' if args.floor else ''} per quality")
     for source in args.sources:
         model = load(source, args.raw).eval()
-        cells = [f"q{q} {b:.3f}/{p:.2f}" for q in qualities for b, p in [figures(model, images, q)]]
+        cells = [f"q{q} {b:.3f}/{p:.2f}" + (f" ({f:.2f})" if f is not None else "")
+                 for q in qualities for b, p, f in [figures(model, images, q, args.floor)]]
         print(f"{source}: " + "  ".join(cells), flush=True)
 
 
