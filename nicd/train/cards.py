@@ -24,6 +24,19 @@ def _origin(training: dict) -> list[str]:
     return [f"- **Fine-tuned from** {source}; the step count and wall time below are this run's own."]
 
 
+def _patches(training: dict) -> str:
+    """'24,874 steps of 8×128² patches, then 3,000 of 2×256²' (or the one setting of a run that never changed)."""
+    steps = training.get("steps") or 0
+    schedule = training.get("patches") or [{"from_step": 0, "patch": training.get("patch"), "batch": training.get("batch")}]
+    parts = []
+    for i, ph in enumerate(schedule):
+        end = schedule[i + 1]["from_step"] if i + 1 < len(schedule) else steps
+        if end > ph["from_step"]:
+            parts.append(f"{end - ph['from_step']:,}{' steps' if not parts else ''} of {ph['batch']}×{ph['patch']}²"
+                         + (" patches" if not parts else ""))
+    return ", then ".join(parts) if parts else f"{steps:,} steps"
+
+
 def write_card(model_path: Path, summary: dict, command: str) -> None:
     card_path = model_path.with_suffix(".json")
     card = json.loads(card_path.read_text()) if card_path.exists() else {}
@@ -52,8 +65,7 @@ def write_card(model_path: Path, summary: dict, command: str) -> None:
         f"- **Architecture**: {arch.get('kind')} (N={arch.get('n')}, M={arch.get('m')}), "
         f"{card.get('parameters', 0):,} parameters; variable rate (gain units), quality 1–8.",
         *_origin(training),
-        f"- **Trained** on `shared/data/train` ({training.get('metric')} loss), {training.get('steps')} steps of "
-        f"{training.get('batch')}×{training.get('patch')}² patches, {training.get('device')} "
+        f"- **Trained** on `shared/data/train` ({training.get('metric')} loss), {_patches(training)}, {training.get('device')} "
         f"({training.get('threads')} thread(s), {training.get('hardware')}), {training.get('wall_seconds', 0) / 3600:.1f} h of training wall time"
         + (f"; shipped weights: {training['weights']}." if training.get("weights") else "."),
         f"- **SHA-256**: `{card.get('sha256')}`",

@@ -42,8 +42,9 @@ def export_checkpoint(checkpoint: Path, name: str, directory: Path, alias: str |
         "weights": f"exponential moving average, decay {opts.get('ema_decay')}" if averaged else "last step",
         "hardware": f"{platform.machine()} {platform.processor() or ''}".strip(),
     }
-    if opts.get("extra", {}).get("init_from"):
-        training["init_from"] = opts["extra"]["init_from"]
+    for key in ("init_from", "patches"):
+        if opts.get("extra", {}).get(key):
+            training[key] = opts["extra"][key]
     # Only this name's own exports: "<name>-<8 hex>.npz" (a longer name sharing the prefix is another model).
     own = re.compile(rf"^{re.escape(name)}-[0-9a-f]{{8}}\.npz$")
     previous = [p for p in directory.glob("*.npz") if own.match(p.name)]

@@ -143,8 +143,8 @@ class Trainer:
         self.wall_seconds = 0.0
         self.sampler = PatchSampler(load_images(opts.train_data, opts.patch), opts.patch, opts.batch, opts.seed)
         self.val_images = load_images(opts.val_data, 64) if opts.val_data else []
-        if self.ckpt_path.exists():
-            self._load()
+        saved = self._load() if self.ckpt_path.exists() else None
+        self._record_patches(saved)
 
     # -- weight averaging ----------------------------------------------------------------------
     def _new_ema(self) -> torch.nn.Module:
@@ -196,7 +196,21 @@ class Trainer:
             self.ema = self._new_ema()
         self.opts.extra["init_from"] = origin
 
-    def _load(self) -> None:
+    def _record_patches(self, saved: dict | None) -> None:
+        """Keep the run's patch schedule in `extra["patches"]`: a new entry whenever a resumption
+        changes the patch size or batch, so that the model card can say what the steps were made of.
+        A run checkpointed before this record existed gets its last saved setting from step 0."""
+        patches = self.opts.extra.setdefault("patches", [])
+        if not patches and saved is not None and self.step:
+            patches.append({"from_step": 0, "patch": saved["patch"], "batch": saved["batch"]})
+        last = patches[-1] if patches else None
+        if last is None or (last["patch"], last["batch"]) != (self.opts.patch, self.opts.batch):
+            if last is not None and last["from_step"] == self.step:
+                patches.pop()  # changed again before any step was made
+            patches.append({"from_step": self.step, "patch": self.opts.patch, "batch": self.opts.batch})
+
+    def _load(self) -> dict:
+        """Restore everything from checkpoint.pt; returns the options the run was saved with."""
         # RNG states must stay CPU tensors: load everything on the CPU, the model moves itself below.
         ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
         saved = ckpt["options"]
@@ -216,6 +230,7 @@ class Trainer:
         self.wall_seconds = ckpt.get("wall_seconds", 0.0)
         self.sampler.set_state(ckpt["sampler"])
         _set_rng_state(ckpt["rng"])
+        return saved
 
     def save(self) -> None:
         opts = asdict(self.opts)
