@@ -14,6 +14,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nicd.train.cards import patch_schedule  # noqa: E402
 
 
 def pct(v) -> str:
@@ -41,7 +44,7 @@ def card(model_id: str) -> dict:
 
 def section(mse: dict, msssim: dict | None) -> str:
     c = card(mse["model_id"])
-    steps, hours = c["training"]["steps"], c["training"]["wall_seconds"] / 3600
+    hours = c["training"]["wall_seconds"] / 3600
     bd = mse["codecs"]["nicd"]["bd_rate_vs_jpeg"]
     text = f"""## Where the codec stands (measured)
 
@@ -53,8 +56,8 @@ same run on this 2-core CPU machine (torch on one thread: the two benches ran si
 
 ![rate–distortion on Kodak](docs/kodak-rd.png)
 
-The default model (`models/{mse['model_id']}.md`) has had {steps:,} training steps on the CPU (about
-{hours:.1f} h); fully trained models of this family reach −58 % against JPEG, so it is still far from
+The default model (`models/{mse['model_id']}.md`) has had {patch_schedule(c["training"])} on the CPU (about
+{hours:.1f} h of training); fully trained models of this family reach −58 % against JPEG, so it is still far from
 what its architecture can do: **today it needs {1 + bd:.2f}× JPEG's bits at equal PSNR**, and training
 goes on (`docs/training.md`). The baselines reproduce `shared/design/baselines.md`.
 """
@@ -64,7 +67,7 @@ goes on (`docs/training.md`). The baselines reproduce `shared/design/baselines.m
         origin = mc["training"].get("init_from", {})
         text += f"""
 For SSIM targets, `--model ms-ssim` (`models/{msssim['model_id']}.md`) is the MSE run's
-{origin.get('step', 0):,}-step checkpoint fine-tuned for {mc['training']['steps']:,} steps on `λ·(1 − MS-SSIM) + bpp`.
+{origin.get('step', 0):,}-step checkpoint fine-tuned on `λ·(1 − MS-SSIM) + bpp`: {patch_schedule(mc['training'])}.
 Measured by `nicd bench --model ms-ssim --update-card --out bench-out-ms-ssim` in one run with the
 baselines: BD-rate at equal MS-SSIM {pct(m['bd_rate_ms_ssim_vs_jpeg'])} against JPEG and
 {pct(m['bd_rate_ms_ssim_vs_avif'])} against AVIF (the default model: {pct(mse['codecs']['nicd'].get('bd_rate_ms_ssim_vs_jpeg'))} and

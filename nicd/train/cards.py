@@ -24,7 +24,7 @@ def _origin(training: dict) -> list[str]:
     return [f"- **Fine-tuned from** {source}; the step count and wall time below are this run's own."]
 
 
-def _patches(training: dict) -> str:
+def patch_schedule(training: dict) -> str:
     """'24,874 steps of 8×128² patches, then 3,000 of 2×256²' (or the one setting of a run that never changed)."""
     steps = training.get("steps") or 0
     schedule = training.get("patches") or [{"from_step": 0, "patch": training.get("patch"), "batch": training.get("batch")}]
@@ -65,7 +65,7 @@ def write_card(model_path: Path, summary: dict, command: str) -> None:
         f"- **Architecture**: {arch.get('kind')} (N={arch.get('n')}, M={arch.get('m')}), "
         f"{card.get('parameters', 0):,} parameters; variable rate (gain units), quality 1–8.",
         *_origin(training),
-        f"- **Trained** on `shared/data/train` ({training.get('metric')} loss), {_patches(training)}, {training.get('device')} "
+        f"- **Trained** on `shared/data/train` ({training.get('metric')} loss), {patch_schedule(training)}, {training.get('device')} "
         f"({training.get('threads')} thread(s), {training.get('hardware')}), {training.get('wall_seconds', 0) / 3600:.1f} h of training wall time"
         + (f"; shipped weights: {training['weights']}." if training.get("weights") else "."),
         f"- **SHA-256**: `{card.get('sha256')}`",
