@@ -37,8 +37,8 @@ class TrainOptions:
     n: int = 128
     m: int = 192
     metric: str = "mse"  # mse | ms-ssim
-    patch: int = 128
-    batch: int = 8
+    patch: int = 256
+    batch: int = 2
     steps: int = 1_000_000
     lr: float = 1e-4
     # The step from which lr drops 10× (the final annealing phase, Ballé et al. 2018). Absolute, not a
