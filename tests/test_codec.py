@@ -341,6 +341,36 @@ def test_golden_bitstreams(model_id):
     assert {k: v["decoded"] for k, v in got.items()} == {k: v["decoded"] for k, v in expected.items()}
 
 
+def test_nearest_scale_tables_save_bits_and_change_no_pixel(tmp_path):
+    """Exports since session 3 pick the y table nearest the predicted scale (log axis), not the next
+    wider one: the same symbols, so the same pixels, in fewer bytes. Older model files keep their own
+    thresholds, so their bitstreams (golden hashes above) are unchanged."""
+    from nicd.codec.intnet import nearest_scale_thresholds
+    from nicd.codec.tables import scale_table
+
+    shipped_info, _ = registry.load("default")
+    config, arrays = registry._read(shipped_info.path)
+    arrays = {**arrays, "int_h_s.scale_thresholds": np.round(scale_table() * 256).astype(np.int64)}  # the former rule
+    old = Codec(shipped_info, FrozenModel(registry.model_from_arrays(config, arrays), arrays), torch.device("cpu"))
+    info = registry.export(registry.load_float_model("default"), "nearest", tmp_path)
+    new = Codec(*registry.load(info.model_id, tmp_path), torch.device("cpu"))
+    assert np.array_equal(new.frozen.int_h_s.scale_thresholds, nearest_scale_thresholds())
+    image = load_image(Image.fromarray(kodak(1)[:512, :512]))
+    for q in (1, 4, 8):
+        a, b = old.encode(image, quality=q), new.encode(image, quality=q)
+        assert len(b.data) < 0.995 * len(a.data), (q, len(a.data), len(b.data))
+        assert np.array_equal(old.decode_rgb(a.data), new.decode_rgb(b.data))
+
+
+def test_a_model_file_with_bad_scale_thresholds_is_refused():
+    shipped_info, _ = registry.load("default")
+    config, arrays = registry._read(shipped_info.path)
+    thresholds = arrays["int_h_s.scale_thresholds"]
+    for bad in (thresholds[::-1], thresholds[:10], np.append(thresholds, [1 << 20, 1 << 21])):
+        with pytest.raises(ValueError, match="scale thresholds"):
+            FrozenModel(registry.model_from_arrays(config, arrays), {**arrays, "int_h_s.scale_thresholds": bad})
+
+
 def test_target_ssim_and_psnr_pick_smallest_reaching(codec):
     prepared = load_image(Image.fromarray(kodak(4)[:256, :384]))
     all_q = {q: codec.encode(prepared, quality=q) for q in range(1, 9)}

