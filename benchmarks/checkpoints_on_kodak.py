@@ -8,6 +8,7 @@ level could reach with infinitely fine steps. Where it sits close to the real PS
 (not the quantization step) limit that level, and only more training of g_a / g_s raises it.
 
     python benchmarks/checkpoints_on_kodak.py --qualities 1,4,8 default runs/msh-96-144-mse/checkpoint.pt
+    python benchmarks/checkpoints_on_kodak.py --ms-ssim ms-ssim runs/msh-96-144-msssim/checkpoint.pt
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def load(source: str, raw: bool) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def figures(model: torch.nn.Module, images: list[np.ndarray], quality: int, floor: bool = False) -> tuple:
-    """Mean (bpp, PSNR) at one quality level, and the mean unquantized PSNR when ``floor``."""
+def figures(model: torch.nn.Module, images: list[np.ndarray], quality: int, floor: bool = False,
+            ms_ssim: bool = False) -> tuple:
+    """Mean (bpp, PSNR or MS-SSIM) at one quality level, and the mean unquantized PSNR when ``floor``."""
     bpps, psnrs, floors = [], [], []
     q = torch.tensor([quality - 1])
     for rgb in images:
@@ -44,10 +46,16 @@ def figures(model: torch.nn.Module, images: list[np.ndarray], quality: int, floo
         out = model(x, q)
         bits = sum(float(-torch.log2(lk).sum()) for lk in out["likelihoods"].values())
         bpps.append(bits / (x.shape[2] * x.shape[3]))
-        psnrs.append(_psnr(out["x_hat"], x))
+        psnrs.append(_ms_ssim(out["x_hat"], x) if ms_ssim else _psnr(out["x_hat"], x))
         if floor:
             floors.append(_psnr(model.g_s(model.g_a(x) * model.gain.gain(q) * model.gain.inverse(q)), x))
     return float(np.mean(bpps)), float(np.mean(psnrs)), float(np.mean(floors)) if floors else None
+
+
+def _ms_ssim(x_hat: torch.Tensor, x: torch.Tensor) -> float:
+    from pytorch_msssim import ms_ssim
+
+    return float(ms_ssim((x_hat.clamp(0, 1) * 255).round(), x * 255, data_range=255))
 
 
 def _psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:
@@ -63,15 +71,17 @@ def main() -> None:
     parser.add_argument("--raw", action="store_true", help="a checkpoint's last-step weights, not its average")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--floor", action="store_true", help="also the PSNR without quantization (see above)")
+    parser.add_argument("--ms-ssim", action="store_true", help="MS-SSIM instead of PSNR (for MS-SSIM models)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(args.images.glob("*.png"))]
     qualities = [int(q) for q in args.qualities.split(",")]
-    print(f"{len(images)} images; bpp / PSNR (dB){' (unquantized PSNR)' if args.floor else ''} per quality")
+    metric = "MS-SSIM" if args.ms_ssim else "PSNR (dB)"
+    print(f"{len(images)} images; bpp / {metric}{' (unquantized PSNR)' if args.floor else ''} per quality")
     for source in args.sources:
         model = load(source, args.raw).eval()
-        cells = [f"q{q} {b:.3f}/{p:.2f}" + (f" ({f:.2f})" if f is not None else "")
-                 for q in qualities for b, p, f in [figures(model, images, q, args.floor)]]
+        cells = [f"q{q} {b:.3f}/{p:{'.4f' if args.ms_ssim else '.2f'}}" + (f" ({f:.2f})" if f is not None else "")
+                 for q in qualities for b, p, f in [figures(model, images, q, args.floor, args.ms_ssim)]]
         print(f"{source}: " + "  ".join(cells), flush=True)
 
 
