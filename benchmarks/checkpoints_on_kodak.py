@@ -75,6 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(args.images.glob("*.png"))]
+    if not images:
+        parser.error(f"no .png image in {args.images}")
     qualities = [int(q) for q in args.qualities.split(",")]
     metric = "MS-SSIM" if args.ms_ssim else "PSNR (dB)"
     print(f"{len(images)} images; bpp / {metric}{' (unquantized PSNR)' if args.floor else ''} per quality")
