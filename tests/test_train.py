@@ -13,7 +13,7 @@ from PIL import Image
 from nicd.codec import container, registry
 from nicd.codec.api import Codec, pick_device
 from nicd.codec.imageio import load_image
-from nicd.train.data import pack_folder
+from nicd.train.data import load_images, pack_folder
 from nicd.train.export import export_checkpoint
 from nicd.train.loop import Trainer, TrainOptions
 
@@ -104,11 +104,67 @@ def test_tampered_weights_are_refused(small_train, tmp_path):
 
 
 def test_pack_fits_budget(small_train, tmp_path):
-    stats = pack_folder(small_train, tmp_path / "pack.npz", max_bytes=200_000, side=96)
-    assert (tmp_path / "pack.npz").stat().st_size <= 200_000
-    assert stats["images"] >= 1
+    stats = pack_folder(small_train, tmp_path / "pack.npz", max_bytes=100_000, side=96)
+    assert (tmp_path / "pack.npz").stat().st_size == stats["bytes"] <= 100_000
+    assert 1 <= stats["images"] < 8  # eight crops do not fit: some were dropped
+    images = load_images(tmp_path / "pack.npz", 64)
+    assert len(images) == stats["images"] and all(im.shape == (96, 96, 3) for im in images)
+    # dropped at random, not the tail of the sorted list
     with np.load(tmp_path / "pack.npz") as f:
-        assert all(f[k].shape == (96, 96, 3) for k in f.files)
+        assert sorted(f.files) != [f"img{i:05d}" for i in range(stats["images"])]
+
+
+def test_a_centre_pack_holds_the_exact_pixels_validation_measures(small_train, tmp_path):
+    pack_folder(small_train, tmp_path / "val.npz", side=96, centre=True)
+    packed = load_images(tmp_path / "val.npz", 64)
+    originals = load_images(small_train, 64)
+    assert len(packed) == len(originals) == 8
+    for crop, full in zip(packed, originals):
+        h, w = full.shape[:2]
+        assert np.array_equal(crop, full[(h - 96) // 2:(h - 96) // 2 + 96, (w - 96) // 2:(w - 96) // 2 + 96])
+    # a narrower image gives a narrower crop, not none
+    pack_folder(small_train, tmp_path / "wide.npz", side=150)
+    assert {im.shape for im in load_images(tmp_path / "wide.npz", 64)} == {(128, 150, 3)}
+
+
+def test_an_old_raw_pixel_pack_still_loads(small_train, tmp_path):
+    raw = np.arange(64 * 80 * 3, dtype=np.uint8).reshape(64, 80, 3)
+    np.savez_compressed(tmp_path / "old.npz", img00000=raw)
+    assert np.array_equal(load_images(tmp_path / "old.npz", 64)[0], raw)
+
+
+def test_a_slim_copy_exports_byte_identically_and_starts_new_runs(small_train, tmp_path):
+    slim_path = tmp_path / "out" / "slim.pt"
+    slim_path.parent.mkdir()
+    trainer = Trainer(opts(tmp_path / "run", small_train, steps=3, slim_copy=slim_path))
+    trainer.run()
+    assert slim_path.stat().st_size < 0.4 * (tmp_path / "run" / "checkpoint.pt").stat().st_size
+    full = export_checkpoint(tmp_path / "run" / "checkpoint.pt", "tiny", tmp_path / "a")
+    slim = export_checkpoint(slim_path, "tiny", tmp_path / "b")
+    assert full.path.read_bytes() == slim.path.read_bytes()
+    # never resumed: it has no optimizer state
+    from nicd.errors import ConfigError
+
+    (tmp_path / "slimrun").mkdir()
+    (tmp_path / "slimrun" / "checkpoint.pt").write_bytes(slim_path.read_bytes())
+    with pytest.raises(ConfigError, match="slim checkpoint"):
+        Trainer(opts(tmp_path / "slimrun", small_train))
+    # a new run from it starts from the shipped (float16) average, and the card names the chain
+    tuned = Trainer(opts(tmp_path / "tuned", small_train, steps=1))
+    tuned.init_from(str(slim_path))
+    for k, v in trainer.ema.state_dict().items():
+        assert torch.equal(v.half().float(), tuned.model.state_dict()[k]), k
+    tuned.run()
+    again = Trainer(opts(tmp_path / "again", small_train, steps=1))
+    again.init_from(str(tmp_path / "tuned" / "checkpoint.pt"))
+    again.run()
+    info = export_checkpoint(tmp_path / "again" / "checkpoint.pt", "again", tmp_path / "models")
+    origin = json.loads(info.path.with_suffix(".json").read_text())["training"]["init_from"]
+    assert (origin["run"], origin["step"], origin["from"]["run"], origin["from"]["step"]) == ("tuned", 1, "run", 3)
+    from nicd.train.cards import _origin
+
+    (line,) = _origin({"init_from": origin})
+    assert "a 1-step checkpoint (0.0 h) of `tuned`, itself fine-tuned from a 3-step checkpoint (0.0 h) of `run`" in line
 
 
 def test_factorized_prior_trains_exports_and_codes(small_train, tmp_path):
@@ -276,3 +332,50 @@ def test_export_ships_the_weight_average(small_train, tmp_path):
     assert plain.ema is None
     info = export_checkpoint(tmp_path / "plain" / "checkpoint.pt", "plain", tmp_path / "models")
     assert json.loads(info.path.with_suffix(".json").read_text())["training"]["weights"] == "last step"
+
+
+def test_the_gpu_round_trip_through_the_cli(small_train, tmp_path):
+    """What a lent GPU session does, on the CPU: pack, train with a slim copy, export the copy."""
+    from typer.testing import CliRunner
+
+    from nicd.cli import app
+
+    runner = CliRunner()
+    pack, val = tmp_path / "train.npz", tmp_path / "val.npz"
+    r = runner.invoke(app, ["train", "--data", str(small_train), "--pack", str(pack), "--pack-side", "96"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["images"] == 8
+    r = runner.invoke(app, ["train", "--data", str(small_train), "--pack", str(val), "--pack-side", "64", "--pack-centre", "--pack-count", "3"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["images"] == 3
+    slim = tmp_path / "out" / "run-slim.pt"
+    slim.parent.mkdir()
+    r = runner.invoke(app, ["train", "--run-dir", str(tmp_path / "run"), "--data", str(pack), "--val", str(val),
+                            "--n", "16", "--m", "24", "--patch", "64", "--batch", "2", "--steps", "2",
+                            "--validate-every", "1", "--slim-copy", str(slim)])
+    assert r.exit_code == 0, r.output
+    assert len((tmp_path / "run" / "curve.csv").read_text().splitlines()) == 3
+    models = tmp_path / "models"
+    r = runner.invoke(app, ["export", "--checkpoint", str(slim), "--name", "gpu", "--models-dir", str(models)])
+    assert r.exit_code == 0, r.output
+    assert Path(json.loads(r.stdout)["path"]).is_file()
+    for args in ([], ["--run-dir", str(tmp_path / "run"), "--checkpoint", str(slim)]):
+        r = runner.invoke(app, ["export", *args, "--name", "gpu", "--models-dir", str(models)])
+        assert r.exit_code != 0 and "give one of --run-dir and --checkpoint" in r.output
+    r = runner.invoke(app, ["export", "--checkpoint", str(tmp_path / "nope.pt"), "--name", "gpu", "--models-dir", str(models)])
+    assert r.exit_code != 0 and "no such checkpoint file" in r.output
+    assert len(list(models.glob("*.npz"))) == 1
+
+
+def test_a_run_starts_from_a_slim_copy_of_a_shipped_model(small_train, tmp_path):
+    from nicd.train.loop import slim_start
+
+    torch.save(slim_start("default"), tmp_path / "start.pt")
+    run = Trainer(opts(tmp_path / "run", small_train, n=96, m=144, steps=0))
+    run.init_from(str(tmp_path / "start.pt"))
+    for k, v in registry.load_float_model("default").state_dict().items():
+        assert torch.equal(v, run.model.state_dict()[k]), k  # shipped weights are float16 already: exact
+    path = registry.resolve("default")
+    card = json.loads(path.with_suffix(".json").read_text())
+    origin = run.opts.extra["init_from"]
+    assert (origin["run"], origin["step"], origin["weights"]) == (path.stem, card["training"]["steps"], "average")

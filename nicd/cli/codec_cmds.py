@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import InputError, NicdError
+from ..errors import ConfigError, InputError, NicdError
 from . import app
 from .output import JSON_OPTION, error_line, fail, print_json, stderr, stdout, table
 
@@ -257,7 +257,11 @@ def train(
     ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=0.99999, help="Decay of the weight average that validation measures and export ships; 0: ship the last step's weights."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast for the forward pass (faster on CPUs with AVX512-BF16 and on GPUs); weights stay float32."),
     fixed_quality: Optional[int] = typer.Option(None, "--fixed-quality", help="Train at this one quality level only (a fixed-rate control run); default: all levels."),
-    pack: Optional[Path] = typer.Option(None, "--pack", help="Instead of training, write a compact (≤50 MB) training pack of --data to this .npz."),
+    pack: Optional[Path] = typer.Option(None, "--pack", help="Instead of training, write a compact (≤40 MB, lossless) pack of --data to this .npz: one crop of every image."),
+    pack_count: Optional[int] = typer.Option(None, "--pack-count", min=1, help="Pack only the first N images by name."),
+    pack_side: int = typer.Option(320, "--pack-side", min=64, help="Side of the crops in a pack."),
+    pack_centre: bool = typer.Option(False, "--pack-centre", help="Pack centre crops (a validation pack: --pack-side 256 --pack-count 12 holds what validation measures)."),
+    slim_copy: Optional[Path] = typer.Option(None, "--slim-copy", help="At every checkpoint also write the float16 weights that would ship here (~8 MB; for bringing a GPU run back)."),
 ) -> None:
     """Train (or resume) a model; checkpoints every few minutes and on SIGTERM; CSV learning curve.
 
@@ -268,14 +272,14 @@ def train(
 
     try:
         if pack is not None:
-            print_json(pack_folder(data, pack))
+            print_json(pack_folder(data, pack, side=pack_side, centre=pack_centre, count=pack_count))
             return
         opts = TrainOptions(run_dir=run_dir, train_data=data, val_data=val, kind=kind, n=n, m=m, metric=metric,
                             patch=patch, batch=batch, steps=steps, lr=lr, threads=threads, device=device, seed=seed,
                             max_seconds=max_minutes * 60 if max_minutes else None,
                             checkpoint_minutes=checkpoint_minutes, validate_every=validate_every,
                             fixed_quality=fixed_quality, lr_decay_step=lr_decay_step, bf16=bf16,
-                            ema_decay=ema_decay)
+                            ema_decay=ema_decay, slim_copy=slim_copy)
         trainer = Trainer(opts)
         if init_from and trainer.step == 0:
             trainer.init_from(init_from)
@@ -307,7 +311,8 @@ def train(
 
 @app.command("export")
 def export_cmd(
-    run_dir: Path = typer.Option(..., "--run-dir", help="Training run to export."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Training run to export (its checkpoint.pt)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Or a checkpoint file, e.g. a slim copy brought back from a GPU."),
     name: str = typer.Option(..., "--name", help="Model name; the file becomes models/<name>-<sha8>.npz."),
     alias: Optional[str] = typer.Option(None, "--alias", help="Point this alias (e.g. default) at the export."),
     models_dir: Optional[Path] = typer.Option(None, "--models-dir"),
@@ -315,13 +320,19 @@ def export_cmd(
     """Freeze a checkpoint into a shipped model (float16 weights, integer tables, card).
 
     Example: nicd export --run-dir runs/msh-96-144-mse --name msh-96-144-mse --alias default
+    (or --checkpoint gpu/mse-slim.pt)
     """
     from ..codec import registry
     from ..train.export import export_checkpoint
 
-    checkpoint = run_dir / "checkpoint.pt"
-    if not checkpoint.is_file():
-        fail(InputError("no checkpoint.pt in this run folder", code="E_NOT_FOUND", path=str(run_dir)))
+    if (run_dir is None) == (checkpoint is None):
+        fail(ConfigError("give one of --run-dir and --checkpoint"))
+    if checkpoint is None:
+        checkpoint = run_dir / "checkpoint.pt"
+        if not checkpoint.is_file():
+            fail(InputError("no checkpoint.pt in this run folder", code="E_NOT_FOUND", path=str(run_dir)))
+    elif not checkpoint.is_file():
+        fail(InputError("no such checkpoint file", code="E_NOT_FOUND", path=str(checkpoint)))
     try:
         info = export_checkpoint(checkpoint, name, models_dir or registry.models_dir(), alias=alias)
     except (NicdError, OSError, RuntimeError, KeyError) as err:

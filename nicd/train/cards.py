@@ -13,15 +13,24 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:+.1f} %"
 
 
+def _source(origin: dict) -> str:
+    """'a 12,000-step checkpoint (0.4 h on cuda) of `gpu-mse`, itself fine-tuned from …'."""
+    if "checkpoint" in origin:
+        run = origin.get("run") or Path(origin["checkpoint"]).parent.name
+        where = f" on {origin['device']}" if origin.get("device", "cpu") != "cpu" else ""
+        text = f"a {origin['step']:,}-step checkpoint ({origin['wall_seconds'] / 3600:.1f} h{where}) of `{run}`"
+    else:
+        text = f"model `{origin.get('model')}`"
+    if origin.get("from"):
+        text += ", itself fine-tuned from " + _source(origin["from"])
+    return text
+
+
 def _origin(training: dict) -> list[str]:
     origin = training.get("init_from")
     if not origin:
         return []
-    if "checkpoint" in origin:
-        source = f"a {origin['step']:,}-step checkpoint ({origin['wall_seconds'] / 3600:.1f} h) of `{Path(origin['checkpoint']).parent.name}`"
-    else:
-        source = f"model `{origin.get('model')}`"
-    return [f"- **Fine-tuned from** {source}; the step count and wall time below are this run's own."]
+    return [f"- **Fine-tuned from** {_source(origin)}; the step count and wall time below are this run's own."]
 
 
 def patch_schedule(training: dict) -> str:

@@ -40,7 +40,8 @@ def export_checkpoint(checkpoint: Path, name: str, directory: Path, alias: str |
         "threads": opts.get("threads"),
         "wall_seconds": round(ckpt.get("wall_seconds", 0.0), 1),
         "weights": f"exponential moving average, decay {opts.get('ema_decay')}" if averaged else "last step",
-        "hardware": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        # Checkpoints name what they ran on; older ones were all made on the exporting machine.
+        "hardware": ckpt.get("hardware") or f"{platform.machine()} {platform.processor() or ''}".strip(),
     }
     for key in ("init_from", "patches"):
         if opts.get("extra", {}).get(key):
