@@ -316,6 +316,32 @@ def test_bf16_autocast_run_lowers_the_loss_and_keeps_float32_weights(small_train
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
 
 
+def test_under_bf16_autocast_only_the_transforms_leave_float32():
+    """h_a, h_s and the densities stay float32 (z reaches ±100, where bfloat16's grid is coarser than
+    the quantization noise); g_a and g_s run in bfloat16."""
+    from nicd.codec.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({"kind": "mean-scale", "n": 16, "m": 24}).train()
+    seen = {}
+    for name in ("g_a", "h_a", "h_s", "g_s"):
+        getattr(model, name).register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, out.dtype))
+    x, q = torch.rand(2, 3, 64, 64), torch.tensor([0, 7])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, q)
+    assert seen == {"g_a": torch.bfloat16, "h_a": torch.float32, "h_s": torch.float32, "g_s": torch.bfloat16}
+    assert all(lk.dtype == torch.float32 for lk in out["likelihoods"].values())
+    # without autocast: all float32, and the same likelihoods as ever for the same noise
+    torch.manual_seed(1)
+    ref = model(x, q)
+    assert ref["x_hat"].dtype == torch.float32 and set(seen.values()) == {torch.float32}
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = model(x, q)
+    bits = [sum(-torch.log2(lk).sum() for lk in o["likelihoods"].values()) for o in (ref, half)]
+    assert abs(float((bits[1] / bits[0]).detach()) - 1) < 0.02
+
+
 def test_export_ships_the_weight_average(small_train, tmp_path):
     trainer = Trainer(opts(tmp_path / "run", small_train, steps=5, ema_decay=0.5))
     trainer.run()

@@ -43,6 +43,14 @@ def add_noise(x: torch.Tensor, training: bool = True) -> torch.Tensor:
     return x + torch.empty_like(x).uniform_(-0.5, 0.5)
 
 
+def entropy_model_precision(x: torch.Tensor):
+    """Float32 for everything but g_a and g_s under bfloat16 autocast. bfloat16 keeps 8 bits of
+    mantissa: at |z| ≈ 100 its grid is 0.5 wide, coarser than the ±0.5 quantization noise, and the
+    bin masses are differences of two CDFs. h_a, h_s and the densities work at 1/16 of the
+    resolution or less, so float32 there costs little. Without autocast this changes nothing."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def analysis(n: int, m: int) -> nn.Sequential:
     return nn.Sequential(conv(3, n), GDN(n), conv(n, n), GDN(n), conv(n, n), GDN(n), conv(n, m))
 
@@ -108,10 +116,12 @@ class FactorizedPrior(CodecModel):
         self.density_y = FactorizedDensity(m)
 
     def forward(self, x: torch.Tensor, q: torch.Tensor) -> dict:
-        y = self.g_a(x) * self.gain.gain(q)
+        y = self.g_a(x).float() * self.gain.gain(q)
         y_hat = quantize_ste(y)
         x_hat = self.g_s(y_hat * self.gain.inverse(q))
-        return {"x_hat": x_hat, "likelihoods": {"y": self.density_y.likelihood(add_noise(y, self.training))}}
+        with entropy_model_precision(x):
+            likelihood = self.density_y.likelihood(add_noise(y, self.training))
+        return {"x_hat": x_hat, "likelihoods": {"y": likelihood}}
 
 
 class MeanScaleHyperprior(CodecModel):
@@ -132,20 +142,19 @@ class MeanScaleHyperprior(CodecModel):
         self.density_z = FactorizedDensity(n)
 
     def forward(self, x: torch.Tensor, q: torch.Tensor) -> dict:
-        y = self.g_a(x) * self.gain.gain(q)
-        z = self.h_a(y)
-        z_noisy = add_noise(z, self.training)
-        # h_s sees the rounded z at inference; the straight-through rounding trains it on that.
-        scales, means = self.h_s(quantize_ste(z)).chunk(2, 1)
-        y_hat = quantize_ste(y - means) + means
-        x_hat = self.g_s(y_hat * self.gain.inverse(q))
-        return {
-            "x_hat": x_hat,
-            "likelihoods": {
+        y = self.g_a(x).float() * self.gain.gain(q)
+        with entropy_model_precision(x):
+            z = self.h_a(y)
+            z_noisy = add_noise(z, self.training)
+            # h_s sees the rounded z at inference; the straight-through rounding trains it on that.
+            scales, means = self.h_s(quantize_ste(z)).chunk(2, 1)
+            y_hat = quantize_ste(y - means) + means
+            likelihoods = {
                 "y": gaussian_likelihood(add_noise(y - means, self.training) + means, means, scales),
                 "z": self.density_z.likelihood(z_noisy),
-            },
-        }
+            }
+        x_hat = self.g_s(y_hat * self.gain.inverse(q))
+        return {"x_hat": x_hat, "likelihoods": likelihoods}
 
 
 MODEL_KINDS = {cls.kind: cls for cls in (FactorizedPrior, MeanScaleHyperprior)}
