@@ -232,25 +232,27 @@ def test_a_change_of_patch_size_on_resumption_is_recorded_in_the_card(small_trai
     Trainer(opts(tmp_path / "run", small_train, steps=2)).run()
     Trainer(opts(tmp_path / "run", small_train, steps=5, patch=128, batch=1)).run()
     Trainer(opts(tmp_path / "run", small_train, steps=6, patch=128, batch=1)).run()  # same setting: no new entry
+    Trainer(opts(tmp_path / "run", small_train, steps=7, patch=128, batch=1, bf16=True)).run()  # precision too
     info = export_checkpoint(tmp_path / "run" / "checkpoint.pt", "run", tmp_path / "models")
     card = json.loads(info.path.with_suffix(".json").read_text())
     assert card["training"]["patches"] == [{"from_step": 0, "patch": 64, "batch": 4},
-                                           {"from_step": 2, "patch": 128, "batch": 1}]
+                                           {"from_step": 2, "patch": 128, "batch": 1},
+                                           {"from_step": 6, "patch": 128, "batch": 1, "bf16": True}]
     summary = {"count": 1, "codecs": {"nicd": {"curve": [], "curve_ms_ssim": [], "bd_rate_vs_jpeg": None,
                                                "bd_rate_vs_avif": None, "bytes_to_ssim_0.97": None,
                                                "encode_mpix_per_s": 1.0, "decode_mpix_per_s": 1.0}}}
     write_card(info.path, summary, "nicd bench")
-    assert "6 steps of 4×64² patches" not in info.path.with_suffix(".md").read_text()
-    assert "2 steps of 4×64² patches, then 4 of 1×128²" in info.path.with_suffix(".md").read_text()
+    assert "7 steps of 4×64² patches" not in info.path.with_suffix(".md").read_text()
+    assert "2 steps of 4×64² patches, then 4 of 1×128², then 1 of 1×128² in bfloat16" in info.path.with_suffix(".md").read_text()
 
     # A checkpoint written before the record existed: its saved setting is taken as the one from step 0.
     ckpt_path = tmp_path / "run" / "checkpoint.pt"
     ckpt = torch.load(ckpt_path, weights_only=False)
     del ckpt["options"]["extra"]["patches"]
     torch.save(ckpt, ckpt_path)
-    resumed = Trainer(opts(tmp_path / "run", small_train, steps=6, patch=64, batch=2))
+    resumed = Trainer(opts(tmp_path / "run", small_train, steps=7, patch=64, batch=2))
     assert resumed.opts.extra["patches"] == [{"from_step": 0, "patch": 128, "batch": 1},
-                                             {"from_step": 6, "patch": 64, "batch": 2}]
+                                             {"from_step": 7, "patch": 64, "batch": 2}]
 
 
 def test_patch_must_fit_the_model_stride(small_train, tmp_path):

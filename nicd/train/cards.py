@@ -42,7 +42,7 @@ def patch_schedule(training: dict) -> str:
         end = schedule[i + 1]["from_step"] if i + 1 < len(schedule) else steps
         if end > ph["from_step"]:
             parts.append(f"{end - ph['from_step']:,}{' steps' if not parts else ''} of {ph['batch']}×{ph['patch']}²"
-                         + (" patches" if not parts else ""))
+                         + (" patches" if not parts else "") + (" in bfloat16" if ph.get("bf16") else ""))
     return ", then ".join(parts) if parts else f"{steps:,} steps"
 
 

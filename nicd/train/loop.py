@@ -261,16 +261,18 @@ class Trainer:
 
     def _record_patches(self, saved: dict | None) -> None:
         """Keep the run's patch schedule in `extra["patches"]`: a new entry whenever a resumption
-        changes the patch size or batch, so that the model card can say what the steps were made of.
-        A run checkpointed before this record existed gets its last saved setting from step 0."""
+        changes the patch size, the batch or the precision (`"bf16": true`, absent when float32),
+        so that the model card can say what the steps were made of. A run checkpointed before this
+        record existed gets its last saved setting from step 0."""
         patches = self.opts.extra.setdefault("patches", [])
         if not patches and saved is not None and self.step:
             patches.append({"from_step": 0, "patch": saved["patch"], "batch": saved["batch"]})
+        setting = {"patch": self.opts.patch, "batch": self.opts.batch, **({"bf16": True} if self.opts.bf16 else {})}
         last = patches[-1] if patches else None
-        if last is None or (last["patch"], last["batch"]) != (self.opts.patch, self.opts.batch):
+        if last is None or {k: v for k, v in last.items() if k != "from_step"} != setting:
             if last is not None and last["from_step"] == self.step:
                 patches.pop()  # changed again before any step was made
-            patches.append({"from_step": self.step, "patch": self.opts.patch, "batch": self.opts.batch})
+            patches.append({"from_step": self.step, **setting})
 
     def _load(self) -> dict:
         """Restore everything from checkpoint.pt; returns the options the run was saved with."""
