@@ -255,7 +255,7 @@ def train(
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start a new run from a shipped model's weights or another run's checkpoint.pt (e.g. an MS-SSIM fine-tune of an MSE run)."),
     seed: int = typer.Option(0, "--seed"),
     ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=0.99999, help="Decay of the weight average that validation measures and export ships; 0: ship the last step's weights."),
-    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast for the forward pass (faster on CPUs with AVX512-BF16 and on GPUs); weights stay float32."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast for g_a and g_s: 1.8× the steps on a CPU with AVX512-BF16, the same progress per step (docs/training.md); entropy model, weights and loss stay float32."),
     fixed_quality: Optional[int] = typer.Option(None, "--fixed-quality", help="Train at this one quality level only (a fixed-rate control run); default: all levels."),
     pack: Optional[Path] = typer.Option(None, "--pack", help="Instead of training, write a compact (≤40 MB, lossless) pack of --data to this .npz: one crop of every image."),
     pack_count: Optional[int] = typer.Option(None, "--pack-count", min=1, help="Pack only the first N images by name."),
