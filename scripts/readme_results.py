@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nicd.train.cards import patch_schedule  # noqa: E402
+from nicd.train.cards import patch_schedule, training_source  # noqa: E402
 
 
 def pct(v) -> str:
@@ -38,6 +38,15 @@ def codec_table(summary: dict, label: str) -> str:
     return "\n".join(head + rows)
 
 
+def where(training: dict) -> str:
+    return "the CPU" if training.get("device", "cpu") == "cpu" else f"a lent GPU ({training.get('hardware')})"
+
+
+def start(training: dict) -> str:
+    origin = training.get("init_from")
+    return f", starting from {training_source(origin)}" if origin else ""
+
+
 def card(model_id: str) -> dict:
     return json.loads((ROOT / "models" / f"{model_id}.json").read_text())
 
@@ -56,8 +65,8 @@ same run on this 2-core CPU machine (torch on one thread: the two benches ran si
 
 ![rate–distortion on Kodak](docs/kodak-rd.png)
 
-The default model (`models/{mse['model_id']}.md`) has had {patch_schedule(c["training"])} on the CPU (about
-{hours:.1f} h of training); fully trained models of this family reach −58 % against JPEG, so it is still far from
+The default model (`models/{mse['model_id']}.md`) has had {patch_schedule(c["training"])} on {where(c["training"])} (about
+{hours:.1f} h of training){start(c["training"])}; fully trained models of this family reach −58 % against JPEG, so it is still far from
 what its architecture can do: **today it needs {1 + bd:.2f}× JPEG's bits at equal PSNR**, and training
 goes on (`docs/training.md`). The baselines reproduce `shared/design/baselines.md`.
 """
@@ -66,8 +75,8 @@ goes on (`docs/training.md`). The baselines reproduce `shared/design/baselines.m
         mc = card(msssim["model_id"])
         origin = mc["training"].get("init_from", {})
         text += f"""
-For SSIM targets, `--model ms-ssim` (`models/{msssim['model_id']}.md`) is the MSE run's
-{origin.get('step', 0):,}-step checkpoint fine-tuned on `λ·(1 − MS-SSIM) + bpp`: {patch_schedule(mc['training'])}.
+For SSIM targets, `--model ms-ssim` (`models/{msssim['model_id']}.md`) is {training_source(origin) if origin else "a model"}
+fine-tuned on `λ·(1 − MS-SSIM) + bpp`: {patch_schedule(mc['training'])} on {where(mc['training'])}.
 Measured by `nicd bench --model ms-ssim --update-card --out bench-out-ms-ssim` in one run with the
 baselines: BD-rate at equal MS-SSIM {pct(m['bd_rate_ms_ssim_vs_jpeg'])} against JPEG and
 {pct(m['bd_rate_ms_ssim_vs_avif'])} against AVIF (the default model: {pct(mse['codecs']['nicd'].get('bd_rate_ms_ssim_vs_jpeg'))} and

@@ -13,7 +13,7 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:+.1f} %"
 
 
-def _source(origin: dict) -> str:
+def training_source(origin: dict) -> str:
     """'a 12,000-step checkpoint (0.4 h on cuda) of `gpu-mse`, itself fine-tuned from …'."""
     if "checkpoint" in origin:
         run = origin.get("run") or Path(origin["checkpoint"]).parent.name
@@ -22,7 +22,7 @@ def _source(origin: dict) -> str:
     else:
         text = f"model `{origin.get('model')}`"
     if origin.get("from"):
-        text += ", itself fine-tuned from " + _source(origin["from"])
+        text += ", itself fine-tuned from " + training_source(origin["from"])
     return text
 
 
@@ -30,7 +30,7 @@ def _origin(training: dict) -> list[str]:
     origin = training.get("init_from")
     if not origin:
         return []
-    return [f"- **Fine-tuned from** {_source(origin)}; the step count and wall time below are this run's own."]
+    return [f"- **Fine-tuned from** {training_source(origin)}; the step count and wall time below are this run's own."]
 
 
 def patch_schedule(training: dict) -> str:
