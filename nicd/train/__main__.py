@@ -1,4 +1,4 @@
-"""`python -m nicd.train` — the same as `nicd train`, without typer (used by background runs)."""
+"""`python -m nicd.train`: the same as `nicd train`, for a checkout on PYTHONPATH with no `nicd` entry point installed (scripts/gpu-train runs it so on a lent GPU)."""
 
 from ..cli import app
 
