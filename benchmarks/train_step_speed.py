@@ -18,6 +18,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=96)
     parser.add_argument("--m", type=int, default=144)
+    parser.add_argument("--hyper-width", type=int, default=None, help="h_s hidden width (default M)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--patch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
@@ -27,7 +28,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = build_model({"kind": "mean-scale", "n": args.n, "m": args.m}).to(device)
+    model = build_model({"kind": "mean-scale", "n": args.n, "m": args.m, "h": args.hyper_width}).to(device)
     x = torch.rand(args.batch, 3, args.patch, args.patch, device=device)
     q = torch.randint(0, 8, (args.batch,), device=device)
 
@@ -50,7 +51,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             times[bf16].append(time.perf_counter() - t0)
     fp32, bf16 = min(times[False]), min(times[True])
-    print(f"{args.batch}×{args.patch}² N={args.n} M={args.m} on {args.device}, {args.threads} thread(s): "
+    print(f"{args.batch}×{args.patch}² N={args.n} M={args.m}{f' h={args.hyper_width}' if args.hyper_width else ''} on {args.device}, {args.threads} thread(s): "
           f"float32 {fp32:.3f} s/step, bfloat16 autocast {bf16:.3f} s/step, speed-up {fp32 / bf16:.2f}×")
 
 

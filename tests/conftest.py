@@ -142,3 +142,15 @@ def spawn_nicd(*args, env=None, stderr=None, **kw) -> subprocess.Popen:
 def run_nicd(*args, env=None, timeout=120, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nicd", *map(str, args)], cwd=str(REPO), env=env or nicd_env(),
                           capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="module")
+def small_train(tmp_path_factory) -> Path:
+    """Eight real training photographs (shared/data/train), downscaled to 160×128, as a folder."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("train")
+    for path in sorted((Path(__file__).resolve().parents[2] / "shared" / "data" / "train").glob("*.png"))[:8]:
+        with Image.open(path) as im:
+            im.convert("RGB").resize((160, 128)).save(folder / path.name)
+    return folder

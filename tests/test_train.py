@@ -20,16 +20,6 @@ from nicd.train.loop import Trainer, TrainOptions
 TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "train"
 
 
-@pytest.fixture(scope="module")
-def small_train(tmp_path_factory) -> Path:
-    """Eight real training photographs, downscaled, as a folder."""
-    folder = tmp_path_factory.mktemp("train")
-    for path in sorted(TRAIN.glob("*.png"))[:8]:
-        with Image.open(path) as im:
-            im.convert("RGB").resize((160, 128)).save(folder / path.name)
-    return folder
-
-
 def opts(run_dir: Path, data: Path, **kw) -> TrainOptions:
     base = dict(run_dir=run_dir, train_data=data, val_data=data, n=16, m=24, patch=64, batch=4, lr=1e-3,
                 validate_every=10_000, checkpoint_minutes=60, threads=1, seed=3)

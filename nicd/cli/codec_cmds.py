@@ -241,6 +241,7 @@ def train(
     kind: str = typer.Option("mean-scale", "--kind", help="mean-scale | factorized"),
     n: int = typer.Option(96, "--n", help="Channels of the transforms (N)."),
     m: int = typer.Option(144, "--m", help="Latent channels (M)."),
+    hyper_width: Optional[int] = typer.Option(None, "--hyper-width", help="Width of h_s's hidden layers (default: M); a widened model keeps its source's."),
     metric: str = typer.Option("mse", "--metric", help="mse | ms-ssim"),
     patch: int = typer.Option(256, "--patch", help="Patch side; 256 or more (the hyperprior must see interiors, docs/training.md)."),
     batch: int = typer.Option(2, "--batch"),
@@ -253,6 +254,7 @@ def train(
     checkpoint_minutes: float = typer.Option(5.0, "--checkpoint-minutes"),
     validate_every: int = typer.Option(500, "--validate-every"),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start a new run from a shipped model's weights or another run's checkpoint.pt (e.g. an MS-SSIM fine-tune of an MSE run)."),
+    widen: bool = typer.Option(False, "--widen", help="With --init-from: grow the source's latent channels to --m first, keeping what it computes (e.g. --init-from default --m 256 --hyper-width 144 --widen)."),
     seed: int = typer.Option(0, "--seed"),
     ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=0.99999, help="Decay of the weight average that validation measures and export ships; 0: ship the last step's weights."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast for g_a and g_s: 1.8× the steps on a CPU with AVX512-BF16, the same progress per step (docs/training.md); entropy model, weights and loss stay float32."),
@@ -274,7 +276,7 @@ def train(
         if pack is not None:
             print_json(pack_folder(data, pack, side=pack_side, centre=pack_centre, count=pack_count))
             return
-        opts = TrainOptions(run_dir=run_dir, train_data=data, val_data=val, kind=kind, n=n, m=m, metric=metric,
+        opts = TrainOptions(run_dir=run_dir, train_data=data, val_data=val, kind=kind, n=n, m=m, h=hyper_width, metric=metric,
                             patch=patch, batch=batch, steps=steps, lr=lr, threads=threads, device=device, seed=seed,
                             max_seconds=max_minutes * 60 if max_minutes else None,
                             checkpoint_minutes=checkpoint_minutes, validate_every=validate_every,
@@ -282,7 +284,7 @@ def train(
                             ema_decay=ema_decay, slim_copy=slim_copy)
         trainer = Trainer(opts)
         if init_from and trainer.step == 0:
-            trainer.init_from(init_from)
+            trainer.init_from(init_from, widen=widen)
     except NicdError as err:
         fail(err)
     if not stderr.is_terminal:

@@ -125,21 +125,30 @@ class FactorizedPrior(CodecModel):
 
 
 class MeanScaleHyperprior(CodecModel):
+    """`h` is the width of h_s's hidden layers (h, 3h/2; Minnen et al. use M, 3M/2, the default). A
+    model widened in M (`nicd.train.widen`) keeps its h_s hidden layers: only their last layer,
+    which predicts a scale and a mean per latent channel, grows."""
+
     kind = "mean-scale"
 
-    def __init__(self, n: int = 128, m: int = 192):
+    def __init__(self, n: int = 128, m: int = 192, h: int | None = None):
         super().__init__(n, m)
+        self.h = h or m
         self.g_a = analysis(n, m)
         self.g_s = synthesis(n, m)
         self.h_a = nn.Sequential(
             conv(m, n, 3, 1), nn.LeakyReLU(inplace=True), conv(n, n), nn.LeakyReLU(inplace=True), conv(n, n)
         )
         self.h_s = nn.Sequential(
-            deconv(n, m), nn.ReLU(inplace=True), deconv(m, m * 3 // 2), nn.ReLU(inplace=True),
-            conv(m * 3 // 2, m * 2, 3, 1),
+            deconv(n, self.h), nn.ReLU(inplace=True), deconv(self.h, self.h * 3 // 2), nn.ReLU(inplace=True),
+            conv(self.h * 3 // 2, m * 2, 3, 1),
         )
         self.gain = GainUnits(m)
         self.density_z = FactorizedDensity(n)
+
+    def config(self) -> dict:
+        # "h" only where it differs, so that every earlier model's config (and name) stays as it was
+        return {**super().config(), **({"h": self.h} if self.h != self.m else {})}
 
     def forward(self, x: torch.Tensor, q: torch.Tensor) -> dict:
         y = self.g_a(x).float() * self.gain.gain(q)
@@ -161,4 +170,5 @@ MODEL_KINDS = {cls.kind: cls for cls in (FactorizedPrior, MeanScaleHyperprior)}
 
 
 def build_model(config: dict) -> CodecModel:
-    return MODEL_KINDS[config["kind"]](n=config["n"], m=config["m"])
+    extra = {"h": config["h"]} if config.get("h") else {}
+    return MODEL_KINDS[config["kind"]](n=config["n"], m=config["m"], **extra)

@@ -21,6 +21,8 @@ def training_source(origin: dict) -> str:
         text = f"a {origin['step']:,}-step checkpoint ({origin['wall_seconds'] / 3600:.1f} h{where}) of `{run}`"
     else:
         text = f"model `{origin.get('model')}`"
+    if origin.get("widened_from_m"):
+        text += f", widened from {origin['widened_from_m']} latent channels (`nicd.train.widen`)"
     if origin.get("from"):
         text += ", itself fine-tuned from " + training_source(origin["from"])
     return text
@@ -71,7 +73,8 @@ def write_card(model_path: Path, summary: dict, command: str) -> None:
     lines = [
         f"# Model card: `{card.get('model_id', model_path.stem)}`",
         "",
-        f"- **Architecture**: {arch.get('kind')} (N={arch.get('n')}, M={arch.get('m')}), "
+        f"- **Architecture**: {arch.get('kind')} (N={arch.get('n')}, M={arch.get('m')}"
+        + (f", h_s hidden width {arch['h']}" if arch.get("h") else "") + "), "
         f"{card.get('parameters', 0):,} parameters; variable rate (gain units), quality 1–8.",
         *_origin(training),
         f"- **Trained** on `shared/data/train` ({training.get('metric')} loss), {patch_schedule(training)}, {training.get('device')} "

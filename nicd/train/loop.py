@@ -37,6 +37,9 @@ class TrainOptions:
     kind: str = "mean-scale"
     n: int = 128
     m: int = 192
+    # Width of h_s's hidden layers; None: M (Minnen et al. 2018). A model widened in M keeps the
+    # width it had (`nicd.train.widen`).
+    h: int | None = None
     metric: str = "mse"  # mse | ms-ssim
     patch: int = 256
     batch: int = 2
@@ -66,6 +69,10 @@ class TrainOptions:
     # folder whose files come back, so that a call cut off at its time limit still returns its weights.
     slim_copy: Path | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.h == self.m:
+            self.h = None  # the default width: one spelling, so that a resumption compares equal
 
 
 # CompressAI uses 1e-3; ten times that lets the quantiles (which start at ±10) reach the tails of a
@@ -186,7 +193,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed patch sizes: let cuDNN pick its fastest kernels once
         torch.manual_seed(opts.seed)
         random.seed(opts.seed)
-        self.model = build_model({"kind": opts.kind, "n": opts.n, "m": opts.m}).to(self.device)
+        self.model = build_model({"kind": opts.kind, "n": opts.n, "m": opts.m, "h": opts.h}).to(self.device)
         if opts.patch % self.model.stride:
             raise ConfigError(f"patch {opts.patch} must be a multiple of {self.model.stride} for a {opts.kind} model")
         self.optimizer = torch.optim.Adam(self.model.main_parameters(), lr=opts.lr)
@@ -226,12 +233,14 @@ class Trainer:
         return self.ema if self.ema is not None else self.model
 
     # -- checkpoints -------------------------------------------------------------------------
-    def init_from(self, source: str) -> None:
+    def init_from(self, source: str, widen: bool = False) -> None:
         """Start this (new) run from a shipped model (name, alias or .npz) or another run's checkpoint.pt.
 
         Only the weights are taken (a checkpoint's average where it has one): optimizer, step and
         sampler start afresh. The source is recorded in
         the checkpoint so that the model card can say what the run was fine-tuned from.
+        With `widen`, a source with fewer latent channels than this run's model is first widened
+        to them (`nicd.train.widen`), computing the same output.
         """
         if self.step:
             raise ConfigError(f"run {self.run_dir} has already started; --init-from applies only to a new run")
@@ -252,6 +261,11 @@ class Trainer:
             start = registry.load_float_model(source)
             config, state = start.config(), start.state_dict()
             origin = {"model": source}
+        if widen:
+            from .widen import widen_state
+
+            origin["widened_from_m"] = config["m"]
+            config, state = widen_state(config, state, self.model.m)
         if config != self.model.config():
             raise ConfigError(f"--init-from {source} is {config}, this run is {self.model.config()}")
         self.model.load_state_dict({k: v.to(self.model.state_dict()[k].dtype) for k, v in state.items()})
@@ -282,9 +296,9 @@ class Trainer:
             raise ConfigError(f"{self.ckpt_path} is a slim checkpoint (weights only): start a new run from it with "
                               f"--init-from, or export it")
         saved = ckpt["options"]
-        for key in ("kind", "n", "m", "metric"):
-            if saved[key] != getattr(self.opts, key):
-                raise ConfigError(f"run {self.run_dir} was started with {key}={saved[key]!r}, not {getattr(self.opts, key)!r}")
+        for key in ("kind", "n", "m", "h", "metric"):
+            if saved.get(key) != getattr(self.opts, key):
+                raise ConfigError(f"run {self.run_dir} was started with {key}={saved.get(key)!r}, not {getattr(self.opts, key)!r}")
         # What a run was started from stays with it across resumptions (the model card quotes it).
         self.opts.extra = {**saved.get("extra", {}), **self.opts.extra}
         self.model.load_state_dict(ckpt["model"])
