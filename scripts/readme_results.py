@@ -38,6 +38,11 @@ def codec_table(summary: dict, label: str) -> str:
     return "\n".join(head + rows)
 
 
+def threads(summary: dict) -> str:
+    n = summary.get("torch_threads")
+    return "torch threads not recorded" if n is None else f"torch on {n} thread{'s' if n > 1 else ''}"
+
+
 def where(training: dict) -> str:
     return "the CPU" if training.get("device", "cpu") == "cpu" else f"a lent GPU ({training.get('hardware')})"
 
@@ -58,7 +63,7 @@ def section(mse: dict, msssim: dict | None) -> str:
     text = f"""## Where the codec stands (measured)
 
 `nicd bench --images ../shared/data/kodak --update-card` on the {mse['count']} Kodak images, every codec in the
-same run on this 2-core CPU machine (torch on one thread: the two benches ran side by side; PSNR on
+same run on this 2-core CPU machine ({threads(mse)}; PSNR on
 8-bit RGB; BD-rate at equal PSNR, or at equal MS-SSIM in dB, negative = fewer bits):
 
 {codec_table(mse, "nicd (default)")}

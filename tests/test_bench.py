@@ -57,3 +57,23 @@ def test_ms_ssim_bd_rate_is_taken_on_the_decibel_scale():
     s = bench.summary(rows("jpeg", jpeg) + rows("nicd", half))
     assert abs(s["codecs"]["nicd"]["bd_rate_ms_ssim_vs_jpeg"] - (-0.5)) < 1e-9
     assert abs(bench.ms_ssim_db(0.99) - 20.0) < 1e-9
+
+
+def test_the_bench_command_writes_its_summary_with_the_thread_count(tmp_path):
+    import json
+
+    import torch
+    from typer.testing import CliRunner
+
+    from nicd.cli import app
+
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(kodak(1)[:128, :192]).save(images / "a.png")
+    r = CliRunner().invoke(app, ["bench", "--images", str(images), "--qualities", "1,8", "--codecs", "jpeg",
+                                 "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["count"] == 1 and summary["torch_threads"] == torch.get_num_threads()
+    assert len(summary["codecs"]["nicd"]["curve"]) == 2
+    assert (tmp_path / "out" / "rd.png").stat().st_size > 0

@@ -389,7 +389,11 @@ def bench(
         rows = bench_lib.run(loaded, codec, qs, baseline, on_row=lambda r: progress.advance(task))
     bench_lib.write_csv(rows, out / "bench.csv")
     summary = bench_lib.summary(rows)
-    summary.update({"model_id": codec.model_id, "images": str(images), "count": len(loaded)})
+    import torch
+
+    # speeds depend on it: say how the run was made
+    summary.update({"model_id": codec.model_id, "images": str(images), "count": len(loaded),
+                    "torch_threads": torch.get_num_threads()})
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     bench_lib.plot(rows, out / "rd.png", title=images.name)
     if update_card:
