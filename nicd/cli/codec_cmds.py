@@ -254,7 +254,7 @@ def train(
     checkpoint_minutes: float = typer.Option(5.0, "--checkpoint-minutes"),
     validate_every: int = typer.Option(500, "--validate-every"),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start a new run from a shipped model's weights or another run's checkpoint.pt (e.g. an MS-SSIM fine-tune of an MSE run)."),
-    widen: bool = typer.Option(False, "--widen", help="With --init-from: grow the source's latent channels to --m first, keeping what it computes (e.g. --init-from default --m 256 --hyper-width 144 --widen)."),
+    widen: bool = typer.Option(False, "--widen", help="With --init-from: grow the source's latent channels to --m first; it decodes the same pixels (e.g. --init-from default --m 256 --hyper-width 144 --widen)."),
     seed: int = typer.Option(0, "--seed"),
     ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=0.99999, help="Decay of the weight average that validation measures and export ships; 0: ship the last step's weights."),
     bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast for g_a and g_s: 1.8× the steps on a CPU with AVX512-BF16, the same progress per step (docs/training.md); entropy model, weights and loss stay float32."),

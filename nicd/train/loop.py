@@ -240,7 +240,7 @@ class Trainer:
         sampler start afresh. The source is recorded in
         the checkpoint so that the model card can say what the run was fine-tuned from.
         With `widen`, a source with fewer latent channels than this run's model is first widened
-        to them (`nicd.train.widen`), computing the same output.
+        to them (`nicd.train.widen`); it decodes the same pixels.
         """
         if self.step:
             raise ConfigError(f"run {self.run_dir} has already started; --init-from applies only to a new run")

@@ -1,4 +1,4 @@
-"""Widening a trained mean-scale hyperprior's latent (M) without changing what it computes.
+"""Widening a trained mean-scale hyperprior's latent (M) without changing the pixels it decodes.
 
 M bounds what g_a / g_s can represent at all: 16×16×3 pixels go through M numbers. On Kodak, block
 PCA keeping 144 of the 768 dimensions of every 16×16 block reaches 34.0 dB, 192 reach 37.1 and 256
@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from ..codec.models import MeanScaleHyperprior
+from ..codec.models import MeanScaleHyperprior, build_model
 from ..errors import ConfigError
 
 # The scale h_s predicts for a new latent until h_a sees them: about the spread of the random
@@ -40,7 +40,7 @@ NEW_SCALE = 1.0
 
 @torch.no_grad()
 def widen_latents(model: MeanScaleHyperprior, m: int, seed: int = 0) -> MeanScaleHyperprior:
-    """A copy of `model` with `m` latent channels (m > model.m), computing the same output."""
+    """A copy of `model` with `m` latent channels (m > model.m) that decodes the same pixels."""
     if not isinstance(model, MeanScaleHyperprior):
         raise ConfigError(f"only mean-scale models can be widened, not {model.kind}")
     old = model.m
@@ -86,10 +86,7 @@ def widen_latents(model: MeanScaleHyperprior, m: int, seed: int = 0) -> MeanScal
 
 def widen_state(config: dict, state: dict[str, torch.Tensor], m: int) -> tuple[dict, dict[str, torch.Tensor]]:
     """`widen_latents` on a config and state dict (as checkpoints hold them)."""
-    from ..codec.models import build_model
-
     model = build_model(config)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     wide = widen_latents(model, m)
     return wide.config(), wide.state_dict()
-
