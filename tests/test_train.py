@@ -13,6 +13,7 @@ from PIL import Image
 from nicd.codec import container, registry
 from nicd.codec.api import Codec, pick_device
 from nicd.codec.imageio import load_image
+from nicd.errors import ConfigError
 from nicd.train.data import load_images, pack_folder
 from nicd.train.export import export_checkpoint
 from nicd.train.loop import Trainer, TrainOptions
@@ -133,7 +134,6 @@ def test_a_slim_copy_exports_byte_identically_and_starts_new_runs(small_train, t
     slim = export_checkpoint(slim_path, "tiny", tmp_path / "b")
     assert full.path.read_bytes() == slim.path.read_bytes()
     # never resumed: it has no optimizer state
-    from nicd.errors import ConfigError
 
     (tmp_path / "slimrun").mkdir()
     (tmp_path / "slimrun" / "checkpoint.pt").write_bytes(slim_path.read_bytes())
@@ -216,7 +216,25 @@ def test_init_from_a_checkpoint_is_recorded_in_the_card(small_train, tmp_path):
     assert card["training"]["init_from"]["step"] == 3 and card["training"]["steps"] == 1
 
 
-def test_a_change_of_patch_size_on_resumption_is_recorded_in_the_card(small_train, tmp_path):
+@pytest.fixture
+def bf16_allowed(monkeypatch):
+    """These tests check what autocast computes, not its speed: let them run on any CPU."""
+    import nicd.train.loop
+
+    monkeypatch.setattr(nicd.train.loop, "cpu_has_fast_bf16", lambda: True)
+
+
+def test_bf16_is_refused_on_a_cpu_without_native_bfloat16(small_train, tmp_path, monkeypatch):
+    import nicd.train.loop
+
+    monkeypatch.setattr(nicd.train.loop, "cpu_has_fast_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="no native bfloat16"):
+        Trainer(opts(tmp_path / "run", small_train, steps=2, bf16=True))
+    assert not (tmp_path / "run").exists()
+    Trainer(opts(tmp_path / "run", small_train, steps=2)).run()  # float32 trains on it
+
+
+def test_a_change_of_patch_size_on_resumption_is_recorded_in_the_card(small_train, tmp_path, bf16_allowed):
     from nicd.train.cards import write_card
 
     Trainer(opts(tmp_path / "run", small_train, steps=2)).run()
@@ -300,7 +318,7 @@ def test_training_steps_the_aux_loss_and_checkpoints_its_optimizer(small_train, 
     assert ckpt["aux_optimizer"]["state"]
 
 
-def test_bf16_autocast_run_lowers_the_loss_and_keeps_float32_weights(small_train, tmp_path):
+def test_bf16_autocast_run_lowers_the_loss_and_keeps_float32_weights(small_train, tmp_path, bf16_allowed):
     trainer = Trainer(opts(tmp_path / "run", small_train, steps=60, bf16=True))
     losses = []
     trainer.run(on_progress=lambda p: losses.append(p["loss"]))

@@ -257,7 +257,7 @@ def train(
     widen: bool = typer.Option(False, "--widen", help="With --init-from: grow the source's latent channels to --m first; it decodes the same pixels (e.g. --init-from default --m 256 --hyper-width 144 --widen)."),
     seed: int = typer.Option(0, "--seed"),
     ema_decay: float = typer.Option(0.999, "--ema-decay", min=0.0, max=0.99999, help="Decay of the weight average that validation measures and export ships; 0: ship the last step's weights."),
-    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast for g_a and g_s: 1.8× the steps on a CPU with AVX512-BF16, the same progress per step (docs/training.md); entropy model, weights and loss stay float32."),
+    bf16: bool = typer.Option(False, "--bf16", help="bfloat16 autocast for g_a and g_s: 1.8× the steps on a CPU with AVX512-BF16, the same progress per step (docs/training.md); refused on a CPU without native bfloat16; entropy model, weights and loss stay float32."),
     fixed_quality: Optional[int] = typer.Option(None, "--fixed-quality", help="Train at this one quality level only (a fixed-rate control run); default: all levels."),
     pack: Optional[Path] = typer.Option(None, "--pack", help="Instead of training, write a compact (≤40 MB, lossless) pack of --data to this .npz: one crop of every image."),
     pack_count: Optional[int] = typer.Option(None, "--pack-count", min=1, help="Pack only the first N images by name."),
