@@ -80,17 +80,25 @@ class GainUnits(nn.Module):
 
 
 class CodecModel(nn.Module):
-    """Common parts: padding stride and the architecture description saved with the weights."""
+    """Common parts: padding stride and the architecture description saved with the weights.
+
+    `lambdas`: the quality ladder the gain units were trained for, one λ per level, where it is not
+    the metric's default ladder above (a model trained before the ladder was an option has none)."""
 
     stride = 64
     kind = ""
 
-    def __init__(self, n: int, m: int):
+    def __init__(self, n: int, m: int, lambdas: tuple[float, ...] | None = None):
         super().__init__()
         self.n, self.m = n, m
+        self.lambdas = tuple(float(v) for v in lambdas) if lambdas else None
+        if self.lambdas is not None and (len(self.lambdas) != QUALITIES or min(self.lambdas) <= 0
+                                         or any(b <= a for a, b in zip(self.lambdas, self.lambdas[1:]))):
+            raise ValueError(f"a quality ladder is {QUALITIES} increasing positive λ values, not {lambdas}")
 
     def config(self) -> dict:
-        return {"kind": self.kind, "n": self.n, "m": self.m}
+        # "lambdas" only where set, so that every earlier model's config (and name) stays as it was
+        return {"kind": self.kind, "n": self.n, "m": self.m, **({"lambdas": list(self.lambdas)} if self.lambdas else {})}
 
     def aux_loss(self) -> torch.Tensor:
         """The factorized densities' quantile loss (see `FactorizedDensity.aux_loss`)."""
@@ -108,8 +116,8 @@ class FactorizedPrior(CodecModel):
     kind = "factorized"
     stride = 16
 
-    def __init__(self, n: int = 128, m: int = 192):
-        super().__init__(n, m)
+    def __init__(self, n: int = 128, m: int = 192, lambdas: tuple[float, ...] | None = None):
+        super().__init__(n, m, lambdas)
         self.g_a = analysis(n, m)
         self.g_s = synthesis(n, m)
         self.gain = GainUnits(m)
@@ -131,8 +139,8 @@ class MeanScaleHyperprior(CodecModel):
 
     kind = "mean-scale"
 
-    def __init__(self, n: int = 128, m: int = 192, h: int | None = None):
-        super().__init__(n, m)
+    def __init__(self, n: int = 128, m: int = 192, h: int | None = None, lambdas: tuple[float, ...] | None = None):
+        super().__init__(n, m, lambdas)
         self.h = h or m
         self.g_a = analysis(n, m)
         self.g_s = synthesis(n, m)
@@ -170,5 +178,5 @@ MODEL_KINDS = {cls.kind: cls for cls in (FactorizedPrior, MeanScaleHyperprior)}
 
 
 def build_model(config: dict) -> CodecModel:
-    extra = {"h": config["h"]} if config.get("h") else {}
+    extra = {key: config[key] for key in ("h", "lambdas") if config.get(key)}
     return MODEL_KINDS[config["kind"]](n=config["n"], m=config["m"], **extra)

@@ -13,6 +13,10 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:+.1f} %"
 
 
+def _ladder(values: list[float]) -> str:
+    return ", ".join(f"{v:g}" for v in values)
+
+
 def training_source(origin: dict) -> str:
     """'a 12,000-step checkpoint (0.4 h on cuda) of `gpu-mse`, itself fine-tuned from …'."""
     if "checkpoint" in origin:
@@ -21,6 +25,8 @@ def training_source(origin: dict) -> str:
         text = f"a {origin['step']:,}-step checkpoint ({origin['wall_seconds'] / 3600:.1f} h{where}) of `{run}`"
     else:
         text = f"model `{origin.get('model')}`"
+    if origin.get("ladder_from"):
+        text += f", its gains moved from the ladder λ = {_ladder(origin['ladder_from'])} (`nicd.train.ladder`)"
     if origin.get("widened_from_m"):
         text += f", widened from {origin['widened_from_m']} latent channels (`nicd.train.widen`)"
     if origin.get("from"):
@@ -75,7 +81,8 @@ def write_card(model_path: Path, summary: dict, command: str) -> None:
         "",
         f"- **Architecture**: {arch.get('kind')} (N={arch.get('n')}, M={arch.get('m')}"
         + (f", h_s hidden width {arch['h']}" if arch.get("h") else "") + "), "
-        f"{card.get('parameters', 0):,} parameters; variable rate (gain units), quality 1–8.",
+        f"{card.get('parameters', 0):,} parameters; variable rate (gain units), quality 1–8"
+        + (f" (λ = {_ladder(arch['lambdas'])})." if arch.get("lambdas") else "."),
         *_origin(training),
         f"- **Trained** on `shared/data/train` ({training.get('metric')} loss), {patch_schedule(training)}, {training.get('device')} "
         f"({training.get('threads')} thread(s), {training.get('hardware')}), {training.get('wall_seconds', 0) / 3600:.1f} h of training wall time"

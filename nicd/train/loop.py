@@ -41,6 +41,9 @@ class TrainOptions:
     # width it had (`nicd.train.widen`).
     h: int | None = None
     metric: str = "mse"  # mse | ms-ssim
+    # The quality ladder, one λ per level (`nicd.train.ladder`); None: the source's (with --init-from,
+    # or the checkpoint's on resumption), else the metric's default.
+    lambdas: tuple[float, ...] | None = None
     patch: int = 256
     batch: int = 2
     steps: int = 1_000_000
@@ -90,9 +93,10 @@ def _lambdas(metric: str) -> tuple[float, ...]:
     raise ConfigError(f"unknown training metric {metric!r}: use mse or ms-ssim")
 
 
-def rd_loss(out: dict, x: torch.Tensor, q: torch.Tensor, metric: str) -> dict:
-    """Per-sample λ from each sample's quality level; returns loss, bpp, mse (means over the batch)."""
-    lambdas = torch.tensor(_lambdas(metric), device=x.device)[q]
+def rd_loss(out: dict, x: torch.Tensor, q: torch.Tensor, metric: str, ladder: tuple[float, ...] | None = None) -> dict:
+    """Per-sample λ from each sample's quality level (on `ladder`, default: the metric's); returns
+    loss, bpp, mse (means over the batch)."""
+    lambdas = torch.tensor(ladder or _lambdas(metric), device=x.device)[q]
     pixels = x.shape[2] * x.shape[3]
     bits = sum(torch.log(lk).sum(dim=(1, 2, 3)) for lk in out["likelihoods"].values()) / -math.log(2)
     bpp = bits / pixels
@@ -206,7 +210,10 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed patch sizes: let cuDNN pick its fastest kernels once
         torch.manual_seed(opts.seed)
         random.seed(opts.seed)
-        self.model = build_model({"kind": opts.kind, "n": opts.n, "m": opts.m, "h": opts.h}).to(self.device)
+        if opts.lambdas is not None:
+            opts.lambdas = tuple(float(v) for v in opts.lambdas)
+        self.model = build_model({"kind": opts.kind, "n": opts.n, "m": opts.m, "h": opts.h,
+                                  "lambdas": opts.lambdas}).to(self.device)
         if opts.patch % self.model.stride:
             raise ConfigError(f"patch {opts.patch} must be a multiple of {self.model.stride} for a {opts.kind} model")
         self.optimizer = torch.optim.Adam(self.model.main_parameters(), lr=opts.lr)
@@ -279,12 +286,30 @@ class Trainer:
 
             origin["widened_from_m"] = config["m"]
             config, state = widen_state(config, state, self.model.m)
+        source_ladder = tuple(config["lambdas"]) if config.get("lambdas") else None
+        if self.opts.lambdas is None:
+            self._set_ladder(source_ladder)  # keep the source's
+        elif (source_ladder or _lambdas(self.opts.metric)) != self.opts.lambdas:
+            from .ladder import relabel_gains
+
+            origin["ladder_from"] = list(source_ladder or _lambdas(self.opts.metric))
+            state = relabel_gains(state, source_ladder or _lambdas(self.opts.metric), self.opts.lambdas)
+        config = {k: v for k, v in config.items() if k != "lambdas"}
+        if self.model.lambdas:
+            config["lambdas"] = list(self.model.lambdas)
         if config != self.model.config():
             raise ConfigError(f"--init-from {source} is {config}, this run is {self.model.config()}")
         self.model.load_state_dict({k: v.to(self.model.state_dict()[k].dtype) for k, v in state.items()})
         if self.ema is not None:
             self.ema = self._new_ema()
         self.opts.extra["init_from"] = origin
+
+    def _set_ladder(self, ladder: tuple[float, ...] | None) -> None:
+        """Adopt a source's or a checkpoint's quality ladder (the model's config carries it)."""
+        self.opts.lambdas = ladder
+        for model in (self.model, self.ema):
+            if model is not None:
+                model.lambdas = ladder
 
     def _record_patches(self, saved: dict | None) -> None:
         """Keep the run's patch schedule in `extra["patches"]`: a new entry whenever a resumption
@@ -312,6 +337,11 @@ class Trainer:
         for key in ("kind", "n", "m", "h", "metric"):
             if saved.get(key) != getattr(self.opts, key):
                 raise ConfigError(f"run {self.run_dir} was started with {key}={saved.get(key)!r}, not {getattr(self.opts, key)!r}")
+        ladder = tuple(ckpt["config"]["lambdas"]) if ckpt["config"].get("lambdas") else None
+        if self.opts.lambdas is not None and self.opts.lambdas != ladder:
+            raise ConfigError(f"run {self.run_dir} trains the ladder {list(ladder or _lambdas(self.opts.metric))}, "
+                              f"not {list(self.opts.lambdas)}: start a new run from it with --init-from")
+        self._set_ladder(ladder)
         # What a run was started from stays with it across resumptions (the model card quotes it).
         self.opts.extra = {**saved.get("extra", {}), **self.opts.extra}
         self.model.load_state_dict(ckpt["model"])
@@ -372,7 +402,7 @@ class Trainer:
             out = self.model(x, q)
         if self.opts.bf16:  # the loss (rates, MSE, MS-SSIM) is always summed in float32
             out = {"x_hat": out["x_hat"].float(), "likelihoods": {k: v.float() for k, v in out["likelihoods"].items()}}
-        losses = rd_loss(out, x, q, self.opts.metric)
+        losses = rd_loss(out, x, q, self.opts.metric, self.model.lambdas)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(self.model.main_parameters(), self.opts.clip)
