@@ -68,6 +68,22 @@ def bd_rate(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) 
     return float(np.exp(avg) - 1)
 
 
+def rate_ratios(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> list[float | None]:
+    """For every point of `test`, its bits over the bits `anchor` needs for the same quality (log rate
+    interpolated along the anchor as in `bd_rate`), minus one; None outside the anchor's range.
+    Where `bd_rate` gives one average, this shows where along the curve a codec gains or loses."""
+    from scipy.interpolate import PchipInterpolator
+
+    pts = sorted((q, np.log(r)) for r, q in anchor if r > 0)
+    q = np.array([p[0] for p in pts])
+    keep = np.concatenate([[True], np.diff(q) > 1e-9]) if len(q) else np.array([], dtype=bool)
+    q, lr = q[keep], np.array([p[1] for p in pts])[keep]
+    if len(q) < 2:
+        return [None] * len(test)
+    f = PchipInterpolator(q, lr)
+    return [float(r / np.exp(f(v)) - 1) if q[0] <= v <= q[-1] and r > 0 else None for r, v in test]
+
+
 def mean_curve(rows: Iterable[Row], codec: str, key: str = "psnr") -> list[tuple[float, float]]:
     by_setting: dict[int, list[Row]] = {}
     for r in rows:
@@ -148,6 +164,7 @@ def summary(rows: list[Row]) -> dict:
             "curve_ms_ssim": [{"bpp": b, "ms_ssim": m} for b, m in ms_curves[c]],
             "bd_rate_vs_jpeg": bd_rate(curves["jpeg"], curves[c]) if "jpeg" in curves else None,
             "bd_rate_vs_avif": bd_rate(curves["avif"], curves[c]) if "avif" in curves else None,
+            "rate_vs_jpeg": rate_ratios(curves["jpeg"], curves[c]) if "jpeg" in curves else [None] * len(curves[c]),
             "bd_rate_ms_ssim_vs_jpeg": bd_rate(ms_db["jpeg"], ms_db[c]) if "jpeg" in ms_db else None,
             "bd_rate_ms_ssim_vs_avif": bd_rate(ms_db["avif"], ms_db[c]) if "avif" in ms_db else None,
             "bytes_to_ssim_0.97": reach,

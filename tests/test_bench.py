@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from nicd import bench
@@ -26,6 +27,18 @@ def test_bd_rate_of_a_scaled_curve():
     assert bench.bd_rate(anchor, [(1.0, 50.0), (2.0, 51.0)]) is None  # no overlap
 
 
+def test_rate_ratios_say_where_along_the_curve_a_codec_gains():
+    anchor = [(0.25, 28.0), (0.5, 31.0), (1.0, 34.5), (2.0, 38.0)]
+    test = [(0.125, 28.0), (0.5, 31.0), (1.5, 34.5), (1.0, 40.0)]  # half, same, 1.5×, beyond the anchor
+    ratios = bench.rate_ratios(anchor, test)
+    assert ratios[0] == pytest.approx(-0.5) and ratios[1] == pytest.approx(0.0, abs=1e-12)
+    assert ratios[2] == pytest.approx(0.5) and ratios[3] is None
+    # between the anchor's points its log rate is interpolated: against a half-rate anchor, twice the ratio
+    mid = bench.rate_ratios(anchor, [(1.0, 32.0)])[0] + 1  # the anchor needs 1/mid bpp at 32 dB
+    assert 0.5 < 1 / mid < 1.0
+    assert bench.rate_ratios([(r * 0.5, q) for r, q in anchor], [(1.0, 32.0)])[0] + 1 == pytest.approx(2 * mid)
+
+
 def test_small_run_writes_rows_summary_and_plot(tmp_path):
     images = [("k1", np.ascontiguousarray(kodak(1)[:128, :192])), ("k2", np.ascontiguousarray(kodak(2)[:128, :192]))]
     codec = load_codec("default", "cpu")
@@ -39,6 +52,8 @@ def test_small_run_writes_rows_summary_and_plot(tmp_path):
     assert same.data and len(same.data) == [r.bytes for r in nicd_rows if r.image == "k1" and r.setting == 6][0]
     summary = bench.summary(rows)
     assert set(summary["codecs"]) == {"nicd", "jpeg"} and summary["codecs"]["jpeg"]["bd_rate_vs_jpeg"] == 0
+    assert all(abs(v) < 1e-9 for v in summary["codecs"]["jpeg"]["rate_vs_jpeg"])
+    assert len(summary["codecs"]["nicd"]["rate_vs_jpeg"]) == 2
     bench.write_csv(rows, tmp_path / "b.csv")
     assert len((tmp_path / "b.csv").read_text().splitlines()) == len(rows) + 1
     bench.plot(rows, tmp_path / "rd.png")

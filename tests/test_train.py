@@ -251,6 +251,12 @@ def test_a_change_of_patch_size_on_resumption_is_recorded_in_the_card(small_trai
                                                "encode_mpix_per_s": 1.0, "decode_mpix_per_s": 1.0}}}
     write_card(info.path, summary, "nicd bench")
     assert "7 steps of 4×64² patches" not in info.path.with_suffix(".md").read_text()
+    # each quality's row says what JPEG would spend at its PSNR (n/a outside JPEG's range)
+    summary["codecs"]["nicd"].update(curve=[{"bpp": 0.3, "psnr": 28.0}, {"bpp": 1.6, "psnr": 35.0}],
+                                     curve_ms_ssim=[], rate_vs_jpeg=[-0.25, None])
+    write_card(info.path, summary, "nicd bench")
+    table = info.path.with_suffix(".md").read_text()
+    assert "| 1 | 0.300 | 28.00 |  | -25.0 % |" in table and "| 2 | 1.600 | 35.00 |  | n/a |" in table
     assert "2 steps of 4×64² patches, then 4 of 1×128², then 1 of 1×128² in bfloat16" in info.path.with_suffix(".md").read_text()
 
     # A checkpoint written before the record existed: its saved setting is taken as the one from step 0.

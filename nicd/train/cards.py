@@ -65,6 +65,7 @@ def write_card(model_path: Path, summary: dict, command: str) -> None:
         "curve_ms_ssim": nicd["curve_ms_ssim"],
         "bd_rate_vs_jpeg": nicd["bd_rate_vs_jpeg"],
         "bd_rate_vs_avif": nicd["bd_rate_vs_avif"],
+        "rate_vs_jpeg": nicd.get("rate_vs_jpeg"),
         "bd_rate_ms_ssim_vs_jpeg": nicd.get("bd_rate_ms_ssim_vs_jpeg"),
         "bd_rate_ms_ssim_vs_avif": nicd.get("bd_rate_ms_ssim_vs_avif"),
         "bytes_to_ssim_0.97": nicd["bytes_to_ssim_0.97"],
@@ -91,13 +92,14 @@ def write_card(model_path: Path, summary: dict, command: str) -> None:
         "",
         f"## Kodak ({card['kodak']['images']} images), measured by `{command}`",
         "",
-        "| quality | bpp | PSNR (dB) | MS-SSIM |",
-        "|---:|---:|---:|---:|",
+        "| quality | bpp | PSNR (dB) | MS-SSIM | bits vs JPEG at this PSNR |",
+        "|---:|---:|---:|---:|---:|",
     ]
     ms = {round(p["bpp"], 6): p["ms_ssim"] for p in nicd["curve_ms_ssim"]}
-    for q, p in enumerate(nicd["curve"], start=1):
+    ratios = nicd.get("rate_vs_jpeg") or [None] * len(nicd["curve"])
+    for q, (p, ratio) in enumerate(zip(nicd["curve"], ratios), start=1):
         m = ms.get(round(p["bpp"], 6))
-        lines.append(f"| {q} | {p['bpp']:.3f} | {p['psnr']:.2f} | {'' if m is None else f'{m:.4f}'} |")
+        lines.append(f"| {q} | {p['bpp']:.3f} | {p['psnr']:.2f} | {'' if m is None else f'{m:.4f}'} | {_pct(ratio)} |")
     lines += [
         "",
         f"BD-rate against JPEG: **{_pct(nicd['bd_rate_vs_jpeg'])}**; against AVIF: {_pct(nicd['bd_rate_vs_avif'])} "
