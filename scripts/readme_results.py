@@ -56,6 +56,18 @@ def card(model_id: str) -> dict:
     return json.loads((ROOT / "models" / f"{model_id}.json").read_text())
 
 
+def along_the_curve(summary: dict) -> str:
+    """Where the BD-rate comes from: each quality's bits against JPEG's at the same PSNR."""
+    nicd = summary["codecs"]["nicd"]
+    ratios = nicd.get("rate_vs_jpeg")
+    if not ratios:
+        return ""
+    points = ", ".join(f"q{q} {pct(r)}" for q, r in enumerate(ratios, start=1))
+    return f"""
+Bits against JPEG's at the same PSNR, quality by quality (same run): {points}.
+"""
+
+
 def section(mse: dict, msssim: dict | None) -> str:
     c = card(mse["model_id"])
     hours = c["training"]["wall_seconds"] / 3600
@@ -74,7 +86,7 @@ The default model (`models/{mse['model_id']}.md`) has had {patch_schedule(c["tra
 {hours:.1f} h of training){start(c["training"])}; fully trained models of this family reach −58 % against JPEG, so it is still far from
 what its architecture can do: **today it needs {1 + bd:.2f}× JPEG's bits at equal PSNR**, and training
 goes on (`docs/training.md`). The baselines reproduce `shared/design/baselines.md`.
-"""
+{along_the_curve(mse)}"""
     if msssim:
         m = msssim["codecs"]["nicd"]
         mc = card(msssim["model_id"])

@@ -99,8 +99,9 @@ def test_a_run_trains_its_ladder_and_the_export_carries_it(small_train, tmp_path
 def test_bad_ladders_are_refused_in_one_line(small_train, tmp_path):
     for text in ("1,2,3", "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.7", "a,b", "-1,2,3,4,5,6,7,8", "nan,1,2,3,4,5,6,7"):
         with pytest.raises(ConfigError, match="--lambdas"):
-            parse_ladder(text, 8)
-    assert parse_ladder(",".join(map(str, WIDE)), 8) == WIDE
+            parse_ladder(text)
+    assert parse_ladder(",".join(map(str, WIDE))) == WIDE
+    assert parse_ladder("0.0008,0.001734,0.00376,0.00815,0.017668,0.038302,0.083032,0.18") == WIDE  # the CLI's example
     from nicd.cli import app
 
     r = CliRunner().invoke(app, ["train", "--run-dir", str(tmp_path / "x"), "--data", str(small_train), "--lambdas", "1,2"])

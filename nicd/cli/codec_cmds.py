@@ -243,7 +243,7 @@ def train(
     m: int = typer.Option(144, "--m", help="Latent channels (M)."),
     hyper_width: Optional[int] = typer.Option(None, "--hyper-width", help="Width of h_s's hidden layers (default: M); a widened model keeps its source's."),
     metric: str = typer.Option("mse", "--metric", help="mse | ms-ssim"),
-    lambdas: Optional[str] = typer.Option(None, "--lambdas", help="The quality ladder: 8 increasing λ, comma-separated (default: the source's, else the metric's); with --init-from, the source's gains are moved onto it (e.g. --lambdas 0.0008,0.00173,0.00376,0.00815,0.01767,0.0383,0.083,0.18)."),
+    lambdas: Optional[str] = typer.Option(None, "--lambdas", help="The quality ladder: 8 increasing λ, comma-separated (default: the source's, else the metric's); with --init-from, the source's gains are moved onto it (e.g. --lambdas 0.0008,0.001734,0.00376,0.00815,0.017668,0.038302,0.083032,0.18)."),
     patch: int = typer.Option(256, "--patch", help="Patch side; 256 or more (the hyperprior must see interiors, docs/training.md)."),
     batch: int = typer.Option(2, "--batch"),
     steps: int = typer.Option(1_000_000, "--steps"),
@@ -277,10 +277,9 @@ def train(
         if pack is not None:
             print_json(pack_folder(data, pack, side=pack_side, centre=pack_centre, count=pack_count))
             return
-        from ..codec.models import QUALITIES
         from ..train.ladder import parse_ladder
 
-        ladder = parse_ladder(lambdas, QUALITIES) if lambdas is not None else None
+        ladder = parse_ladder(lambdas) if lambdas is not None else None
         opts = TrainOptions(run_dir=run_dir, train_data=data, val_data=val, kind=kind, n=n, m=m, h=hyper_width, metric=metric,
                             lambdas=ladder,
                             patch=patch, batch=batch, steps=steps, lr=lr, threads=threads, device=device, seed=seed,

@@ -18,6 +18,8 @@ likelihoods; `compress` / `decompress` (in `coder.py`) work on frozen integer ta
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -29,6 +31,12 @@ from .layers import GDN, conv, deconv
 LAMBDAS_MSE = (0.0018, 0.0035, 0.0067, 0.0130, 0.0250, 0.0483, 0.0932, 0.1800)
 LAMBDAS_MSSSIM = (2.40, 4.58, 8.73, 16.64, 31.73, 60.50, 115.37, 220.00)
 QUALITIES = len(LAMBDAS_MSE)
+
+
+def is_ladder(values) -> bool:
+    """Whether `values` can be a quality ladder: one finite positive λ per level, increasing."""
+    return (len(values) == QUALITIES and all(math.isfinite(v) and v > 0 for v in values)
+            and all(b > a for a, b in zip(values, values[1:])))
 
 
 def quantize_ste(x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +100,7 @@ class CodecModel(nn.Module):
         super().__init__()
         self.n, self.m = n, m
         self.lambdas = tuple(float(v) for v in lambdas) if lambdas else None
-        if self.lambdas is not None and (len(self.lambdas) != QUALITIES or min(self.lambdas) <= 0
-                                         or any(b <= a for a, b in zip(self.lambdas, self.lambdas[1:]))):
+        if self.lambdas is not None and not is_ladder(self.lambdas):
             raise ValueError(f"a quality ladder is {QUALITIES} increasing positive λ values, not {lambdas}")
 
     def config(self) -> dict:

@@ -17,20 +17,20 @@ import math
 
 import torch
 
+from ..codec.models import QUALITIES, is_ladder
+from ..errors import ConfigError
+
 GAIN_KEYS = ("gain.log_gain", "gain.log_inv_gain")
 
 
-def parse_ladder(text: str, levels: int) -> tuple[float, ...]:
-    """`--lambdas "0.0008,0.0017,..."` → a tuple of `levels` increasing positive floats."""
-    from ..errors import ConfigError
-
+def parse_ladder(text: str) -> tuple[float, ...]:
+    """`--lambdas "0.0008,0.001734,..."` → one increasing positive float per quality level."""
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
-        raise ConfigError(f"--lambdas must be {levels} comma-separated numbers, not {text!r}") from None
-    if len(values) != levels or any(not math.isfinite(v) or v <= 0 for v in values) or any(
-            b <= a for a, b in zip(values, values[1:])):
-        raise ConfigError(f"--lambdas must be {levels} increasing positive numbers, not {text!r}")
+        values = ()
+    if not is_ladder(values):
+        raise ConfigError(f"--lambdas must be {QUALITIES} increasing positive numbers, comma-separated, not {text!r}")
     return values
 
 
