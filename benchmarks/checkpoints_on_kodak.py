@@ -9,6 +9,9 @@ level could reach with infinitely fine steps. Where it sits close to the real PS
 
     python benchmarks/checkpoints_on_kodak.py --qualities 1,4,8 default runs/msh-96-144-mse/checkpoint.pt
     python benchmarks/checkpoints_on_kodak.py --ms-ssim ms-ssim runs/msh-96-144-msssim/checkpoint.pt
+
+With more than one source, each line after the first ends with its BD-rate against the first
+(over the qualities given: models on different quality ladders are compared along their curves).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nicd.bench import bd_rate, ms_ssim_db
 from nicd.codec import registry
 from nicd.codec.models import build_model
 
@@ -80,11 +84,16 @@ def main() -> None:
     qualities = [int(q) for q in args.qualities.split(",")]
     metric = "MS-SSIM" if args.ms_ssim else "PSNR (dB)"
     print(f"{len(images)} images; bpp / {metric}{' (unquantized PSNR)' if args.floor else ''} per quality")
+    first = None
     for source in args.sources:
         model = load(source, args.raw).eval()
+        points = [figures(model, images, q, args.floor, args.ms_ssim) for q in qualities]
         cells = [f"q{q} {b:.3f}/{p:{'.4f' if args.ms_ssim else '.2f'}}" + (f" ({f:.2f})" if f is not None else "")
-                 for q in qualities for b, p, f in [figures(model, images, q, args.floor, args.ms_ssim)]]
-        print(f"{source}: " + "  ".join(cells), flush=True)
+                 for q, (b, p, f) in zip(qualities, points)]
+        curve = [(b, ms_ssim_db(p) if args.ms_ssim else p) for b, p, _ in points]
+        first = first or curve
+        bd = bd_rate(first, curve) if curve is not first and len(qualities) > 1 else None
+        print(f"{source}: " + "  ".join(cells) + (f"  BD-rate vs the first {100 * bd:+.2f} %" if bd is not None else ""), flush=True)
 
 
 if __name__ == "__main__":
