@@ -280,7 +280,8 @@ class Trainer:
 
             start = registry.load_float_model(source)
             config, state = start.config(), start.state_dict()
-            origin = {"model": source}
+            # the model's own name: an alias such as "default" moves on with the next export
+            origin = {"model": registry.resolve(source).stem}
         if widen:
             from .widen import widen_state
 

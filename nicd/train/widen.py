@@ -46,7 +46,7 @@ def widen_latents(model: MeanScaleHyperprior, m: int, seed: int = 0) -> MeanScal
     old = model.m
     if m <= old:
         raise ConfigError(f"widening needs more latent channels than the model's {old}, not {m}")
-    wide = MeanScaleHyperprior(n=model.n, m=m, h=model.h)
+    wide = MeanScaleHyperprior(n=model.n, m=m, h=model.h, lambdas=model.lambdas)  # same ladder
     state = wide.state_dict()
     source = model.state_dict()
     generator = torch.Generator().manual_seed(seed)
