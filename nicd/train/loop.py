@@ -288,13 +288,14 @@ class Trainer:
             origin["widened_from_m"] = config["m"]
             config, state = widen_state(config, state, self.model.m)
         source_ladder = tuple(config["lambdas"]) if config.get("lambdas") else None
+        trained_on = source_ladder or _lambdas(self.opts.metric)
         if self.opts.lambdas is None:
             self._set_ladder(source_ladder)  # keep the source's
-        elif (source_ladder or _lambdas(self.opts.metric)) != self.opts.lambdas:
+        elif trained_on != self.opts.lambdas:
             from .ladder import relabel_gains
 
-            origin["ladder_from"] = list(source_ladder or _lambdas(self.opts.metric))
-            state = relabel_gains(state, source_ladder or _lambdas(self.opts.metric), self.opts.lambdas)
+            origin["ladder_from"] = list(trained_on)
+            state = relabel_gains(state, trained_on, self.opts.lambdas)
         config = {k: v for k, v in config.items() if k != "lambdas"}
         if self.model.lambdas:
             config["lambdas"] = list(self.model.lambdas)
