@@ -47,7 +47,7 @@ DEVICES = ("auto", "cpu", "cuda")
 POLICIES = ("keep", "delete")
 
 
-def _data_home(env: Mapping[str, str]) -> Path:
+def data_home(env: Mapping[str, str]) -> Path:
     base = env.get("XDG_DATA_HOME") or ""
     return Path(base) if base and os.path.isabs(base) else Path.home() / ".local" / "share"
 
@@ -60,7 +60,7 @@ def _config_home(env: Mapping[str, str]) -> Path:
 def default_database_url(env: Mapping[str, str] | None = None) -> str:
     """SQLite file under the user's data directory: ``$XDG_DATA_HOME/nicd/nicd.db``."""
     env = os.environ if env is None else env
-    return "sqlite:///" + str(_data_home(env) / "nicd" / "nicd.db")
+    return "sqlite:///" + str(data_home(env) / "nicd" / "nicd.db")
 
 
 @dataclass(frozen=True)

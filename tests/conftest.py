@@ -19,6 +19,19 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _user_data_home(tmp_path_factory):
+    """What nicd keeps in the user's data directory (the default database, the models `nicd encode`
+    keeps) goes to the tests' own, never the user's; subprocesses inherit it."""
+    old = os.environ.get("XDG_DATA_HOME")
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("xdg-data"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_DATA_HOME", None)
+    else:
+        os.environ["XDG_DATA_HOME"] = old
+
+
 def image_bytes(seed: int, size: tuple[int, int] = (64, 64), fmt: str = "PNG") -> bytes:
     """A small, smooth-plus-noise RGB image, distinct per seed."""
     from PIL import Image

@@ -33,9 +33,6 @@ def _source(n: int, box: tuple[int, int, int, int]) -> Image.Image:
 def build_archive(tmp_path: Path, codec) -> tuple[Path, Path, Path]:
     """photos/a/one.png (RGB), photos/a/two.jpg (ICC + EXIF), photos/b/alpha.png (RGBA),
     photos/b/c/gray.png (L), coded by the real scan. Returns (config file, photos, database)."""
-    from nicd.config import load_config
-    from nicd.daemon.oneshot import scan
-
     photos = tmp_path / "photos"
     (photos / "a").mkdir(parents=True)
     (photos / "b" / "c").mkdir(parents=True)
@@ -51,10 +48,19 @@ def build_archive(tmp_path: Path, codec) -> tuple[Path, Path, Path]:
     rgba.save(photos / "b" / "alpha.png")
     _source(4, (50, 50, 178, 178)).convert("L").save(photos / "b" / "c" / "gray.png")
 
+    return code_folder(tmp_path, photos, codec, 4)
+
+
+def code_folder(tmp_path: Path, photos: Path, codec, expect: int) -> tuple[Path, Path, Path]:
+    """Code every image under ``photos`` with the real scan into ``tmp_path/state/nicd.db`` (policy keep).
+    Returns (config file, photos, database)."""
+    from nicd.config import load_config
+    from nicd.daemon.oneshot import scan
+
     db = tmp_path / "state" / "nicd.db"
     cfg_path = write_config(tmp_path / "nicd.toml", database=db, roots=[photos])
     res = scan([str(photos)], load_config(cfg_path), codec=codec)
-    assert res.complete and res.done == 4, res.to_dict()
+    assert res.complete and res.done == expect, res.to_dict()
     return cfg_path, photos, db
 
 

@@ -19,19 +19,39 @@ from conftest import image_bytes, sha256
 # ------------------------------------------------------------------------------------------ helpers
 
 
-class _Img:
-    def __init__(self, size):
-        self.size = size
+def _codec():
+    from nicd.codec.api import load_codec
+
+    return load_codec("default", "cpu")
 
 
 class _DecodeOK:
-    def decode(self, data):
-        return _Img((8, 8))
+    """The real codec (the policy decodes with it before any delete)."""
+
+    def __new__(cls):
+        return _codec()
+
+
+_BITSTREAM: list[bytes] = []
+
+
+def _bitstream() -> bytes:
+    """A real 8×8 bitstream of the default model: what these tests store for every content, whatever
+    its bytes (the policy checks that the stored bitstream decodes to the recorded size)."""
+    if not _BITSTREAM:
+        from PIL import Image
+
+        from nicd.codec.imageio import load_image
+
+        _BITSTREAM.append(_codec().encode(load_image(Image.new("RGB", (8, 8), (90, 120, 200))), quality=1).data)
+    return _BITSTREAM[0]
 
 
 def _ingest_done(store, path: str, root: str) -> str:
-    """Record ``path`` as hashed and its content's job as done with a tiny stored bitstream."""
-    from nicd.store import catalog, queue
+    """Record ``path`` as hashed and its content's job as done with a stored bitstream whose model the
+    archive keeps."""
+    from nicd.codec import registry
+    from nicd.store import catalog, kept_models, queue
     from nicd.store.catalog import Signature
 
     data = open(path, "rb").read()
@@ -40,12 +60,14 @@ def _ingest_done(store, path: str, root: str) -> str:
         catalog.record_hashed(c, path, root, Signature.of(os.lstat(path)), sha)
     with store.write() as c:
         jobs = queue.claim(c, "w")
-    blob = b"NICDBLOB" + sha.encode()
+    blob = _bitstream()
+    info = _codec().info
     with store.write() as c:
         for j in jobs:
             assert queue.complete(c, j.id, "w", dict(
                 content_sha256=j.content_sha256, data=blob, data_sha256=hashlib.sha256(blob).hexdigest(), width=8,
-                height=8, original_bytes=len(data), nicd_bytes=len(blob), bpp=1.0, model="m"))
+                height=8, original_bytes=len(data), nicd_bytes=len(blob), bpp=1.0, model=info.model_id))
+        kept_models.keep(c, info.model_id, info.sha256, registry.file_bytes(info))
     return sha
 
 
@@ -165,6 +187,8 @@ def test_verify_stored_keeps_the_original_on_any_decoder_exception(store, tmp_pa
     from nicd.daemon import originals
 
     class Boom:
+        info, device = _codec().info, _codec().device
+
         def decode(self, data):
             raise RuntimeError("decoder bug")
 
@@ -241,11 +265,14 @@ def test_batch_longer_than_its_lease_completes(store, make_config, tmp_path, mon
     with store.write() as c:
         catalog.record_hashed(c, str(p), str(root), Signature.of(os.lstat(p)), sha256(data), width=32, height=32)
 
+    real = _codec()
+
     class SlowCodec:
+        info = real.info
+
         def encode_batch(self, prepared, **kw):
             time.sleep(2.0)  # much longer than the 0.6 s lease
-            return [SimpleNamespace(data=b"NICD" * 8, width=32, height=32, bpp=0.5, psnr=40.0, ssim=0.99, ms_ssim=0.99,
-                                    model_id="m", quality=6, encode_seconds=2.0, decode_seconds=0.1) for _ in prepared]
+            return real.encode_batch(prepared, **kw)
 
     real_claim = queue.claim
     monkeypatch.setattr(queue, "claim", lambda *a, **kw: real_claim(*a, **{**kw, "lease_seconds": 0.6}))

@@ -7,8 +7,8 @@ For every row of ``bitstreams`` (each blob read in its own short read transactio
    ``data_sha256`` (``E_BITSTREAM_SHA256``): the bytes are the ones the daemon stored;
 2. the container parses: magic, version, header CRC, file CRC, structure (``E_FORMAT_*`` from
    :func:`nicd.codec.container.parse`);
-3. the header's size is the recorded one (``E_CHECK_GEOMETRY``) and the model it names is installed
-   (``E_MODEL_UNKNOWN``: such a bitstream could not be restored).
+3. the header's size is the recorded one (``E_CHECK_GEOMETRY``) and the model it names is installed or
+   kept in the archive (``E_MODEL_UNKNOWN``: such a bitstream could not be restored).
 
 With ``full``, each bitstream is also decoded (on the CPU, the reference decoder) and its side data
 applied, which checks every tile's symbol checksum and the alpha/palette/ICC side data; then:
@@ -23,7 +23,9 @@ applied, which checks every tile's symbol checksum and the alpha/palette/ICC sid
 
 Database-level checks: ``PRAGMA quick_check`` (``integrity_check`` with ``full``) on SQLite
 (``E_DB_CORRUPT``); a ``done`` job must have its bitstream (``E_CHECK_NO_BITSTREAM``); a file deleted by
-the originals policy must have its content's bitstream (``E_CHECK_LOST``).
+the originals policy must have its content's bitstream (``E_CHECK_LOST``); the archive keeps the file of
+every model its bitstreams name (``E_CHECK_MODEL_NOT_KEPT``: they rely on the installed file, which an
+upgrade replaces), and each kept file still hashes to its name (``E_MODEL_HASH``).
 
 Every problem names a path (the first file recorded with the content, or None for database-level
 problems) and a code. Set-up problems (schema, database errors) raise :class:`nicd.errors.NicdError`.
@@ -31,6 +33,7 @@ problems) and a code. Set-up problems (schema, database errors) raise :class:`ni
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 from dataclasses import asdict, dataclass, field
@@ -40,6 +43,7 @@ from sqlalchemy import select, text
 
 from ..config import Config
 from ..errors import FormatError, NicdError
+from ..store import kept_models
 from ..store.models import Bitstream, File, Job
 from . import Reader
 from .restore import Decoders, fetch_bitstream, verify_blob
@@ -126,9 +130,9 @@ def check(config: Config, *, full: bool = False,
             if conn.dialect.name == "sqlite":
                 pragma = "integrity_check" if full else "quick_check"
                 integrity = [r[0] for r in conn.execute(text(f"PRAGMA {pragma}")).fetchall()]
-            return bits, files, no_bits, lost, integrity
+            return bits, files, no_bits, lost, integrity, kept_models.unkept_in_use(conn), kept_models.kept(conn)
 
-        bits, files, no_bits, lost, integrity = reader.run(listing)
+        bits, files, no_bits, lost, integrity, unkept, kept = reader.run(listing)
         result.integrity = integrity
         paths: dict[str, list[tuple[str, str]]] = {}
         for sha, path, state in files:
@@ -149,7 +153,16 @@ def check(config: Config, *, full: bool = False,
             result.problems.append(Problem(path, "E_CHECK_LOST",
                                            "the original was deleted but no bitstream of its content is stored", sha, [path]))
 
-        decoders = Decoders("cpu")
+        for model_id in unkept:
+            result.problems.append(Problem(None, "E_CHECK_MODEL_NOT_KEPT",
+                                           f"bitstreams written with model {model_id} rely on its installed file: the "
+                                           "archive keeps no copy (start the daemon once while it is installed)"))
+        for model_id, sha, _ in kept:
+            got = reader.run(lambda conn, sha=sha: kept_models.fetch(conn, sha))
+            if got is None or hashlib.sha256(got[1]).hexdigest() != sha:
+                result.problems.append(Problem(None, "E_MODEL_HASH", f"the archive's copy of model {model_id} is damaged"))
+
+        decoders = Decoders("cpu", reader)
         total = len(bits)
         result.bitstreams = total
         if progress:
@@ -184,7 +197,7 @@ def _check_one(reader: Reader, decoders: Decoders, b, item: CheckItem, full: boo
     if (c.width, c.height) != (b.width, b.height):
         raise NicdError(f"the bitstream is {c.width}×{c.height}, {b.width}×{b.height} was recorded",
                         code="E_CHECK_GEOMETRY")
-    codec = decoders.for_data(data)  # ModelError E_MODEL_UNKNOWN when its model is not installed
+    codec = decoders.for_data(data)  # ModelError E_MODEL_UNKNOWN: neither installed nor kept
     if not full:
         return
     from ..codec.imageio import restore_image

@@ -49,7 +49,7 @@ from typing import Callable, Iterable
 from sqlalchemy import select
 
 from ..config import Config
-from ..errors import InputError, NicdError, StorageError
+from ..errors import InputError, ModelError, NicdError, StorageError
 from ..store.models import Bitstream, Event, File
 from . import Reader, normalize_path, path_filter
 
@@ -116,22 +116,36 @@ class RestoreResult:
 
 class Decoders:
     """One codec per model (by the full model hash in each header), loaded on first use, on the CPU
-    (the reference decoder: the encoder verifies every bitstream with a CPU synthesis)."""
+    (the reference decoder: the encoder verifies every bitstream with a CPU synthesis). A model that is
+    not installed is taken from the archive's own copy (:mod:`nicd.store.kept_models`)."""
 
-    def __init__(self, device: str = "cpu"):
+    def __init__(self, device: str = "cpu", reader: Reader | None = None):
         self.device = device
+        self.reader = reader
         self._by_hash: dict[bytes, object] = {}
 
     def for_data(self, data: bytes):
         from ..codec import container
-        from ..codec.api import decoder_for
 
         model_hash = container.peek_header(data).model_hash
         codec = self._by_hash.get(model_hash)
         if codec is None:
-            codec = decoder_for(data, self.device)
-            self._by_hash[model_hash] = codec
+            codec = self._by_hash[model_hash] = self._load(data, model_hash)
         return codec
+
+    def _load(self, data: bytes, model_hash: bytes):
+        from ..codec.api import codec_from_bytes, decoder_for
+        from ..store import kept_models
+
+        try:
+            return decoder_for(data, self.device)
+        except ModelError as err:
+            if err.code != "E_MODEL_UNKNOWN" or self.reader is None:
+                raise
+            got = self.reader.run(lambda conn: kept_models.fetch(conn, model_hash.hex()))
+            if got is None:
+                raise ModelError(f"{err.message}, nor kept in the archive", code="E_MODEL_UNKNOWN") from None
+            return codec_from_bytes(got[0], got[1], self.device)
 
     def decode(self, data: bytes):
         """The PIL image (original size and mode, ICC/EXIF in ``.info``)."""
@@ -316,7 +330,7 @@ def restore(
         for i, (r, _, _) in enumerate(plans):
             by_sha.setdefault(r.sha, []).append(i)
         items: list[RestoreItem | None] = [None] * len(plans)
-        decoders = Decoders("cpu")
+        decoders = Decoders("cpu", reader)
         done = 0
         stop = stop_event or threading.Event()
         for sha, idxs in sorted(by_sha.items(), key=lambda kv: plans[kv[1][0]][0].path):

@@ -60,7 +60,8 @@ def encode(
     device: str = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Encode images to .nicd files; every file is decoded back and checked before it is written.
+    """Encode images to .nicd files; every file is decoded back and checked before it is written. The
+    model's file is kept in ~/.local/share/nicd/models, so the files still decode after an upgrade.
 
     Example: nicd encode photo.png -o photo.nicd --quality 6
     """
@@ -83,6 +84,8 @@ def encode(
     except NicdError as err:
         fail(err, as_json=as_json)
     rows = [{"input": path, "error": err.to_dict() if isinstance(err, NicdError) else str(err)} for err, path in failures]
+    if any(not isinstance(res, NicdError) for res in results):
+        _keep_model(codec.info)
     for (src, dst, _), res in zip(loaded, results):
         if isinstance(res, NicdError):
             failures.append((res, str(src)))
@@ -105,6 +108,17 @@ def encode(
     _report_failures(failures)
 
 
+def _keep_model(info) -> None:
+    """Before a file names a model: keep that model's file where decode finds it after an upgrade."""
+    from .. import user_models
+
+    try:
+        user_models.keep(info)
+    except (NicdError, OSError) as exc:
+        stderr.print(f"warning: model {info.model_id} could not be kept in {user_models.kept_dir()} ({exc}); "
+                     "the files written with it decode only while it stays installed", markup=False, highlight=False)
+
+
 @app.command()
 def decode(
     inputs: List[Path] = typer.Argument(..., help=".nicd files to decode."),
@@ -113,10 +127,12 @@ def decode(
     device: str = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
-    """Decode .nicd files to images in their original size and mode (ICC/EXIF restored).
+    """Decode .nicd files to images in their original size and mode (ICC/EXIF restored). A model no
+    longer installed is taken from those `nicd encode` kept (~/.local/share/nicd/models).
 
     Example: nicd decode photo.nicd -o photo.png
     """
+    from .. import user_models
     from ..codec.api import decoder_for
     from ..codec.imageio import save_image
 
@@ -128,7 +144,7 @@ def decode(
     for src, dst in zip(inputs, targets):
         try:
             data = _read_input(src)
-            image = decoder_for(data, device).decode(data)
+            image = decoder_for(data, device, also=[user_models.kept_dir()]).decode(data)
             save_image(image, dst)
         except NicdError as err:
             failures.append((err, str(src)))

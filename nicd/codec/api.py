@@ -19,6 +19,8 @@ import zlib
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -277,8 +279,15 @@ def load_codec(model: str = "default", device: str = "auto") -> Codec:
     return Codec(info, frozen, pick_device(device))
 
 
-def decoder_for(data: bytes, device: str = "auto") -> Codec:
-    """The codec of the model a bitstream names in its header (found by its full hash)."""
+def decoder_for(data: bytes, device: str = "auto", also: Iterable[Path] = ()) -> Codec:
+    """The codec of the model a bitstream names in its header (found by its full hash among the installed
+    models, then in the folders `also`)."""
     header = _parse(data)
-    info, frozen = registry.find_by_hash(header.model_hash)
+    info, frozen = registry.find_by_hash(header.model_hash, also=also)
+    return Codec(info, frozen, pick_device(device))
+
+
+def codec_from_bytes(model_id: str, model_file: bytes, device: str = "auto") -> Codec:
+    """The codec of a model that is not installed, from its file's bytes (as an archive keeps them)."""
+    info, frozen = registry.load_bytes(model_id, model_file)
     return Codec(info, frozen, pick_device(device))

@@ -6,6 +6,10 @@ SHA-256 of its bytes (as CompressAI names its weights) and every load checks tha
 is written into each bitstream so a file is never decoded with other tables.
 
 `models/aliases.json` maps short names ("default", "ms-ssim") to model ids.
+
+A model no longer installed can still be loaded from its file's bytes (`load_bytes`): an archive keeps
+the file of every model its bitstreams were written with, so that upgrading the shipped models never
+makes a stored image undecodable.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import io
 import json
 import os
 import sys
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -43,14 +49,14 @@ def models_dir() -> Path:
 @dataclass
 class ModelInfo:
     model_id: str
-    path: Path
+    path: Path | None  # None: loaded from bytes kept elsewhere (an archive), not from an installed file
     sha256: str
     config: dict
 
     @property
     def card(self) -> dict:
-        card = self.path.with_suffix(".json")
-        return json.loads(card.read_text()) if card.exists() else {}
+        card = self.path.with_suffix(".json") if self.path is not None else None
+        return json.loads(card.read_text()) if card is not None and card.exists() else {}
 
 
 def _sha256(path: Path) -> str:
@@ -85,13 +91,14 @@ def resolve(name: str, directory: Path | None = None) -> Path:
     return path
 
 
-def _read(path: Path) -> tuple[dict, dict]:
+def _read(source: Path | io.BytesIO, name: str | None = None) -> tuple[dict, dict]:
+    name = name or str(source)
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with np.load(source, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read model file {path}: {exc}", code="E_MODEL_FILE") from exc
-    config = json.loads(bytes(arrays.pop("config.json")).decode())
+        config = json.loads(bytes(arrays.pop("config.json")).decode())
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise ModelError(f"cannot read model file {name}: {exc}", code="E_MODEL_FILE") from exc
     return config, arrays
 
 
@@ -109,34 +116,68 @@ def load_float_model(name: str, directory: Path | None = None) -> CodecModel:
     return model_from_arrays(*_read(resolve(name, directory)))
 
 
+def _frozen(model_id: str, config: dict, arrays: dict) -> FrozenModel:
+    try:
+        return FrozenModel(model_from_arrays(config, arrays), arrays)
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"model file {model_id}.npz is not a usable nicd model: {exc}", code="E_MODEL_FILE") from None
+
+
+def _check_hash(model_id: str, sha: str) -> None:
+    if not model_id.endswith(sha[:8]):
+        raise ModelError(f"model file {model_id}.npz does not match its content hash ({sha[:8]})", code="E_MODEL_HASH")
+
+
 @lru_cache(maxsize=8)
 def _load_cached(path: str, sha: str) -> tuple[ModelInfo, FrozenModel]:
-    config, arrays = _read(Path(path))
     model_id = Path(path).stem
-    try:
-        frozen = FrozenModel(model_from_arrays(config, arrays), arrays)
-    except (KeyError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"model file {Path(path).name} is not a usable nicd model: {exc}", code="E_MODEL_FILE") from None
-    return ModelInfo(model_id, Path(path), sha, config), frozen
+    config, arrays = _read(Path(path))
+    return ModelInfo(model_id, Path(path), sha, config), _frozen(model_id, config, arrays)
 
 
 def load(name: str = "default", directory: Path | None = None) -> tuple[ModelInfo, FrozenModel]:
     path = resolve(name, directory)
     sha = _sha256(path)
-    if not path.stem.endswith(sha[:8]):
-        raise ModelError(f"model file {path.name} does not match its content hash ({sha[:8]})", code="E_MODEL_HASH")
+    _check_hash(path.stem, sha)
     return _load_cached(str(path), sha)
 
 
-def find_by_hash(model_hash: bytes, directory: Path | None = None) -> tuple[ModelInfo, FrozenModel]:
-    """The model a bitstream was written with, by the full SHA-256 in its header."""
-    directory = directory or models_dir()
+_from_bytes: dict[str, tuple[ModelInfo, FrozenModel]] = {}
+
+
+def load_bytes(model_id: str, data: bytes) -> tuple[ModelInfo, FrozenModel]:
+    """A model from the bytes of its `.npz` file (one an archive kept), checked against its name's hash."""
+    sha = hashlib.sha256(data).hexdigest()
+    _check_hash(model_id, sha)
+    if sha not in _from_bytes:
+        config, arrays = _read(io.BytesIO(data), f"{model_id}.npz")
+        _from_bytes[sha] = (ModelInfo(model_id, None, sha, config), _frozen(model_id, config, arrays))
+    return _from_bytes[sha]
+
+
+def file_bytes(info: ModelInfo) -> bytes:
+    """The bytes of a loaded model's installed file, checked to be the very file that was loaded."""
+    if info.path is None:
+        raise ModelError(f"model {info.model_id} was not loaded from a file", code="E_MODEL_FILE")
+    try:
+        data = info.path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {info.path}: {exc.strerror}", code="E_MODEL_FILE") from None
+    if hashlib.sha256(data).hexdigest() != info.sha256:
+        raise ModelError(f"model file {info.path.name} changed since it was loaded", code="E_MODEL_HASH")
+    return data
+
+
+def find_by_hash(model_hash: bytes, directory: Path | None = None, also: Iterable[Path] = ()) -> tuple[ModelInfo, FrozenModel]:
+    """The model a bitstream was written with, by the full SHA-256 in its header: in `directory` (the
+    installed models), else in the folders `also` (models kept from earlier installations)."""
     prefix = model_hash.hex()[:8]
-    for model_id in list_models(directory):
-        if model_id.endswith(prefix):
-            info, frozen = load(model_id, directory)
-            if info.sha256 == model_hash.hex():
-                return info, frozen
+    for folder in (directory or models_dir(), *also):
+        for model_id in list_models(folder):
+            if model_id.endswith(prefix):
+                info, frozen = load(model_id, folder)
+                if info.sha256 == model_hash.hex():
+                    return info, frozen
     raise ModelError(f"this file needs model {prefix}…, which is not installed", code="E_MODEL_UNKNOWN")
 
 

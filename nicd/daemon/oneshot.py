@@ -131,6 +131,7 @@ def scan(roots: Iterable[str], config: Config, progress_callback: Callable[[Scan
         policy = originals.OriginalsPolicy(store, config.originals.policy, codec)
         originals.repair(store)
         worker = Worker(store, config, codec, owner, stop=stop, policy=policy)
+        worker.keep_models()
         ingestor = Ingestor(store)
         done_files = done_bytes = 0
 

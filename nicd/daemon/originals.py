@@ -4,7 +4,8 @@
 
 - its content's job is ``done`` and the commit is durable (WAL + ``synchronous=FULL``);
 - the bitstream read back *from the database* matches its stored SHA-256 and decodes to an image of
-  the recorded size (so a damaged blob never justifies a delete);
+  the recorded size (so a damaged blob never justifies a delete), with the model file the archive keeps
+  for it (so the archive alone restores the image, whatever models a later nicd installs);
 - the file on disk still holds exactly that content (re-read and re-hashed);
 - nicd has never deleted a file at that path before (a file put back by ``nicd restore`` is left alone).
 
@@ -33,7 +34,7 @@ from sqlalchemy import select
 
 from ..errors import NicdError
 from ..fsutil import fsync_dir
-from ..store import catalog
+from ..store import catalog, kept_models
 from ..store.engine import Store
 from ..store.models import Bitstream, Event, File, Job
 from .discovery import read_regular_file
@@ -90,6 +91,8 @@ class OriginalsPolicy:
         return n
 
     def _verify_stored(self, sha: str) -> bool:
+        from ..codec import container
+
         with self.store.read() as conn:
             row = conn.execute(
                 select(Bitstream.data, Bitstream.data_sha256, Bitstream.width, Bitstream.height)
@@ -103,7 +106,11 @@ class OriginalsPolicy:
             log.error("stored bitstream of %s does not match its checksum: original kept", sha[:12])
             return False
         try:
-            image = self.codec.decode(data)
+            codec = self._kept_codec(container.peek_header(data).model_hash.hex())
+            if codec is None:
+                log.error("the model of the bitstream of %s is not kept in the archive: original kept", sha[:12])
+                return False
+            image = codec.decode(data)
         except Exception as err:  # noqa: BLE001 - any decoder failure means: keep the original
             log.error("stored bitstream of %s does not decode (%s: %s): original kept", sha[:12], type(err).__name__, err)
             return False
@@ -111,6 +118,18 @@ class OriginalsPolicy:
             log.error("stored bitstream of %s decodes to %s, expected %sx%s: original kept", sha[:12], image.size, row.width, row.height)
             return False
         return True
+
+    def _kept_codec(self, model_sha: str):
+        """The codec of the archive's own copy of a model, or None when the archive does not keep it."""
+        with self.store.read() as conn:
+            got = kept_models.fetch(conn, model_sha)
+        if got is None or hashlib.sha256(got[1]).hexdigest() != model_sha:
+            return None
+        if model_sha == self.codec.info.sha256:  # the very bytes the loaded codec was built from
+            return self.codec
+        from ..codec.api import codec_from_bytes
+
+        return codec_from_bytes(got[0], got[1], self.codec.device.type)
 
     def _delete_one(self, path: str, sha: str) -> bool:
         try:

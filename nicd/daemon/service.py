@@ -327,6 +327,7 @@ def _serve(config: Config, stop_event: threading.Event, notifier: Notifier, stor
     policy = originals.OriginalsPolicy(store, config.originals.policy, codec)
     watcher = Watcher(config.watch.roots) if config.watch.roots else None
     worker = Worker(store, config, codec, owner, stop=stop_intake, policy=policy)
+    worker.keep_models()
     loop_box: list[WorkerLoop] = []
     discovery = Discovery(store, config, watcher, stop_intake, work_available,
                           on_done_content=lambda sha: loop_box[0].request_policy(sha))

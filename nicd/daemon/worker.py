@@ -4,8 +4,8 @@ One batch = up to ``batch_megapixels`` of images (the first one is always taken,
 claimed job the worker reads the content back from one of its paths and checks its SHA-256 (the file may
 have changed since it was hashed), prepares it, and hands the batch to ``Codec.encode_batch``, which
 decodes what it wrote on the CPU path and compares before it reports success. The bitstream, its figures
-(including the bytes JPEG needs for the same SSIM) and the ``done`` state are committed together; no
-database transaction is ever held across the encoding. The originals policy runs only after that commit,
+(including the bytes JPEG needs for the same SSIM), the ``done`` state and, the first time, the model's
+file (:mod:`nicd.store.kept_models`) are committed together; no database transaction is ever held across the encoding. The originals policy runs only after that commit,
 from the stored bytes (see :mod:`nicd.daemon.originals`).
 """
 
@@ -20,7 +20,8 @@ from typing import Callable
 
 from ..config import Config
 from ..errors import NicdError, StorageError
-from ..store import catalog, queue
+from ..codec import registry
+from ..store import catalog, kept_models, queue
 from ..store.engine import Store
 from .discovery import read_regular_file
 
@@ -70,6 +71,27 @@ class Worker:
         self.busy_since: float | None = None
         self.lease_seconds = queue.LEASE_SECONDS
         self.max_busy_seconds = MAX_BUSY_SECONDS
+        self._kept: set[str] = set()  # model hashes known to be in the archive
+
+    def keep_models(self) -> list[str]:
+        """At start: keep in the archive the installed models that stored bitstreams name but it does
+        not keep yet (bitstreams written before it kept models). Returns the ids of those that are not
+        installed either: their bitstreams cannot be decoded until that model is installed again."""
+        with self.store.read() as conn:
+            wanted = kept_models.unkept_in_use(conn)
+        missing = []
+        for model_id in wanted:
+            try:
+                info, _ = registry.load(model_id)
+                data = registry.file_bytes(info)
+            except NicdError as err:
+                log.warning("bitstreams name model %s, which is neither installed nor kept: %s", model_id, err)
+                missing.append(model_id)
+                continue
+            with self.store.write() as conn:
+                kept_models.keep(conn, info.model_id, info.sha256, data)
+            log.info("model %s kept in the archive (%d bytes)", model_id, len(data))
+        return missing
 
     def beat(self) -> None:
         self.stats.last_beat = time.monotonic()
@@ -214,6 +236,13 @@ class Worker:
             log.warning("JPEG baseline failed for %s: %s", job.content_sha256[:12], exc)
             jpeg = None
         baseline_seconds = time.perf_counter() - t0
+        info = self.codec.info
+        model_file = None
+        if info.sha256 not in self._kept:
+            try:
+                model_file = registry.file_bytes(info)
+            except NicdError as err:  # the installed file changed under a running daemon
+                return self._finish_fail(job, err.code, err.message)
         codec_cfg = self.config.codec
         row = {
             "content_sha256": job.content_sha256,
@@ -242,6 +271,9 @@ class Worker:
                 ok = queue.complete(conn, job.id, self.owner, row)
                 if not ok:
                     raise _LeaseLost()
+                if model_file is not None:  # never a bitstream in the archive without its model
+                    kept_models.keep(conn, info.model_id, info.sha256, model_file)
+            self._kept.add(info.sha256)
         except _LeaseLost:
             log.warning("job %d: lease lost before its result was stored; result dropped", job.id)
             return Verdict(job.id, job.content_sha256, "released")

@@ -7,6 +7,8 @@
 - ``jobs``: one per content: ``pending → running → done | failed | skipped``, with a lease and attempts.
 - ``bitstreams``: the ``.nicd`` bytes and their figures, one per content; in their own table so that
   scans and reports never touch blob pages.
+- ``codec_models``: the file of every model a stored bitstream was written with, by its SHA-256, so that
+  the archive decodes on its own after the installed models are upgraded.
 - ``events``: append-only audit of actions on originals (intent / applied).
 - ``daemons``: heartbeat of running daemons (``nicd status`` reads it).
 
@@ -132,6 +134,15 @@ class Bitstream(Base):
     decode_seconds: Mapped[float | None] = mapped_column(Float)
     baseline_seconds: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
+class KeptModel(Base):
+    __tablename__ = "codec_models"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)  # of `data`; bitstream headers carry it
+    model_id: Mapped[str] = mapped_column(String(200), nullable=False)  # e.g. msh-96-144-mse-751686a7
+    data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # the model's .npz file, byte for byte
+    kept_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
 
 class Event(Base):
