@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -85,7 +87,22 @@ def watch(
         code = run_watch(cfg, stop)
     except NicdError as err:
         fail(err, exit_code=_exit_code(err))
+    _exit_now_if_still_encoding(code)
     raise typer.Exit(code)
+
+
+def _exit_now_if_still_encoding(code: int) -> None:
+    """A worker still inside torch after the stop's grace period (its job already released to the queue,
+    the database closed) must not meet the interpreter's shutdown: tearing down torch's thread pool
+    under a running kernel aborts the process ("terminate called without an active exception",
+    SIGABRT), and systemd would record a failed stop. Leave without finalizing instead."""
+    if any(t.name == "nicd-worker" and t.is_alive() for t in threading.enumerate()):
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 @app.command()
