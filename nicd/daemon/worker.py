@@ -5,8 +5,9 @@ claimed job the worker reads the content back from one of its paths and checks i
 have changed since it was hashed), prepares it, and hands the batch to ``Codec.encode_batch``, which
 decodes what it wrote on the CPU path and compares before it reports success. The bitstream, its figures
 (including the bytes JPEG needs for the same SSIM), the ``done`` state and, the first time, the model's
-file (:mod:`nicd.store.kept_models`) are committed together; no database transaction is ever held across the encoding. The originals policy runs only after that commit,
-from the stored bytes (see :mod:`nicd.daemon.originals`).
+file (:mod:`nicd.store.kept_models`) are committed together; no database transaction is ever held across
+the encoding. The originals policy runs only after that commit, from the stored bytes (see
+:mod:`nicd.daemon.originals`).
 """
 
 from __future__ import annotations
