@@ -231,7 +231,14 @@ def test_encode_keeps_its_model_so_decode_works_after_an_upgrade(tmp_path, upgra
     assert r.returncode == 0, r.stderr
     assert np.array_equal(np.asarray(Image.open(tmp_path / "after.png")), np.asarray(Image.open(tmp_path / "before.png")))
 
+    r = run_nicd("info", tmp_path / "a.nicd", "--json", env=env_upgraded)
+    assert r.returncode == 0 and json.loads(r.stdout)["model_file"] == str(kept), r.stderr
+    r = run_nicd("info", tmp_path / "a.nicd", "--json", env=env)
+    assert json.loads(r.stdout)["model_file"] == str(codec.info.path)
+
     kept.unlink()  # neither installed nor kept: one readable line, non-zero
+    r = run_nicd("info", tmp_path / "a.nicd", "--json", env=env_upgraded)
+    assert r.returncode == 0 and json.loads(r.stdout)["model_file"] is None
     r = run_nicd("decode", tmp_path / "a.nicd", "-o", tmp_path / "never.png", "--device", "cpu", env=env_upgraded)
     assert r.returncode != 0 and "E_MODEL_UNKNOWN" in r.stderr and not (tmp_path / "never.png").exists()
 

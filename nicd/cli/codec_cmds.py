@@ -176,11 +176,13 @@ def _read_input(path: Path) -> bytes:
 
 @app.command()
 def info(file: Path = typer.Argument(..., help="A .nicd file."), as_json: bool = JSON_OPTION) -> None:
-    """Show what a .nicd header says: model, quality, size, bpp, and whether the checksums hold.
+    """Show what a .nicd header says: model, quality, size, bpp, whether the checksums hold, and where
+    the model file it needs is (null: not installed nor kept, the file cannot be decoded here).
 
     Example: nicd info photo.nicd --json
     """
-    from ..codec import container
+    from .. import user_models
+    from ..codec import container, registry
 
     try:
         data = _read_input(file)
@@ -192,6 +194,8 @@ def info(file: Path = typer.Argument(..., help="A .nicd file."), as_json: bool =
         parsed = container.parse(data)
     except NicdError as err:
         problem, parsed = err, None
+    # where the model it needs is: installed, kept by `nicd encode`, or nowhere (it could not be decoded)
+    model_file = registry.locate(header.model_hash, also=[user_models.kept_dir()])
     payload = {
         "file": str(file),
         "format_version": header.version,
@@ -207,6 +211,7 @@ def info(file: Path = typer.Argument(..., help="A .nicd file."), as_json: bool =
         "tile_size": header.tile_size,
         "metadata": {name: len(value) for name, value in parsed.metadata} if parsed else None,
         "checksum_ok": problem is None,
+        "model_file": None if model_file is None else str(model_file),
     }
     if problem is not None:
         payload["error"] = problem.to_dict()

@@ -168,17 +168,24 @@ def file_bytes(info: ModelInfo) -> bytes:
     return data
 
 
-def find_by_hash(model_hash: bytes, directory: Path | None = None, also: Iterable[Path] = ()) -> tuple[ModelInfo, FrozenModel]:
-    """The model a bitstream was written with, by the full SHA-256 in its header: in `directory` (the
-    installed models), else in the folders `also` (models kept from earlier installations)."""
+def locate(model_hash: bytes, directory: Path | None = None, also: Iterable[Path] = ()) -> Path | None:
+    """The file of the model with this full SHA-256: in `directory` (the installed models), else in the
+    folders `also` (models kept from earlier installations); None when there is none."""
     prefix = model_hash.hex()[:8]
     for folder in (directory or models_dir(), *also):
         for model_id in list_models(folder):
-            if model_id.endswith(prefix):
-                info, frozen = load(model_id, folder)
-                if info.sha256 == model_hash.hex():
-                    return info, frozen
-    raise ModelError(f"this file needs model {prefix}…, which is not installed", code="E_MODEL_UNKNOWN")
+            path = folder / f"{model_id}.npz"
+            if model_id.endswith(prefix) and _sha256(path) == model_hash.hex():
+                return path
+    return None
+
+
+def find_by_hash(model_hash: bytes, directory: Path | None = None, also: Iterable[Path] = ()) -> tuple[ModelInfo, FrozenModel]:
+    """The model a bitstream was written with, by the full SHA-256 in its header (see `locate`)."""
+    path = locate(model_hash, directory, also)
+    if path is None:
+        raise ModelError(f"this file needs model {model_hash.hex()[:8]}…, which is not installed", code="E_MODEL_UNKNOWN")
+    return load(str(path))
 
 
 def export(model: CodecModel, name: str, directory: Path, extra_config: dict | None = None) -> ModelInfo:
