@@ -140,7 +140,7 @@ class KeptModel(Base):
     __tablename__ = "codec_models"
 
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)  # of `data`; bitstream headers carry it
-    model_id: Mapped[str] = mapped_column(String(200), nullable=False)  # e.g. msh-96-144-mse-751686a7
+    model_id: Mapped[str] = mapped_column(String(200), nullable=False)  # <name>-<first 8 hex digits of sha256>
     data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # the model's .npz file, byte for byte
     kept_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
