@@ -185,7 +185,7 @@ def find_by_hash(model_hash: bytes, directory: Path | None = None, also: Iterabl
     path = locate(model_hash, directory, also)
     if path is None:
         raise ModelError(f"this file needs model {model_hash.hex()[:8]}…, which is not installed", code="E_MODEL_UNKNOWN")
-    return load(str(path))
+    return _load_cached(str(path), model_hash.hex())  # `locate` has hashed the file already
 
 
 def export(model: CodecModel, name: str, directory: Path, extra_config: dict | None = None) -> ModelInfo:

@@ -82,15 +82,19 @@ class Worker:
             wanted = kept_models.unkept_in_use(conn)
         missing = []
         for model_id in wanted:
-            try:
-                info, _ = registry.load(model_id)
-                data = registry.file_bytes(info)
-            except NicdError as err:
+            try:  # the file's bytes only: building the model would cost seconds at every start
+                data = registry.resolve(model_id).read_bytes()
+            except (NicdError, OSError) as err:
                 log.warning("bitstreams name model %s, which is neither installed nor kept: %s", model_id, err)
                 missing.append(model_id)
                 continue
+            sha = hashlib.sha256(data).hexdigest()
+            if not model_id.endswith(sha[:8]):
+                log.warning("the installed file of model %s does not match its name: not kept", model_id)
+                missing.append(model_id)
+                continue
             with self.store.write() as conn:
-                kept_models.keep(conn, info.model_id, info.sha256, data)
+                kept_models.keep(conn, model_id, sha, data)
             log.info("model %s kept in the archive (%d bytes)", model_id, len(data))
         return missing
 
