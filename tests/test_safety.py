@@ -473,3 +473,86 @@ def _until(pred, timeout=5.0):
             return True
         time.sleep(0.02)
     return bool(pred())
+
+
+# ------------------------------------------------------------------------- 9. a full disk loses nothing
+
+
+def _limit_pages(store, pages: int | None) -> None:
+    """SQLite's own size cap on the writer connection: past it every write that needs a new page fails
+    with SQLITE_FULL ("database or disk is full"), the error a full disk gives. None lifts it."""
+    with store.write() as c:
+        c.exec_driver_sql(f"PRAGMA max_page_count = {4294967294 if pages is None else pages}")
+
+
+def test_a_full_disk_pauses_the_worker_keeps_every_original_and_charges_no_attempt(store, make_config, tmp_path):
+    """The daemon's worker loop over a real SQLite file that cannot grow: no bitstream, no deleted
+    original, the jobs given back as pending with no attempt used, E_NO_SPACE reported; once there is
+    room again, everything is coded and only then are the originals deleted (policy delete)."""
+    from nicd.daemon import originals
+    from nicd.daemon.service import WorkerLoop
+    from nicd.daemon.worker import Worker
+    from nicd.store import catalog, queue
+    from nicd.store.catalog import Signature
+    from nicd.store.models import Bitstream, Job
+
+    root = tmp_path / "root"
+    root.mkdir()
+    contents = {}
+    for i in range(3):
+        p = root / f"img-{i}.png"
+        p.write_bytes(image_bytes(500 + i, (48, 40)))
+        contents[p] = p.read_bytes()
+        with store.write() as c:
+            catalog.record_hashed(c, str(p), str(root), Signature.of(os.lstat(p)), sha256(contents[p]), width=48, height=40)
+    with store.write() as c:
+        pages = c.exec_driver_sql("PRAGMA page_count").scalar()
+    _limit_pages(store, pages)
+
+    codec = _codec()
+    cfg = make_config(roots=[root], policy="delete")
+    stop, work = threading.Event(), threading.Event()
+    worker = Worker(store, cfg, codec, "owner-1", stop=stop, policy=originals.OriginalsPolicy(store, "delete", codec))
+    loop = WorkerLoop(worker, stop, work, store)
+    thread = threading.Thread(target=loop.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while loop.backoff < 2.0 and time.monotonic() < deadline:  # at least two full-disk failures in a row
+            time.sleep(0.05)
+        assert loop.backoff >= 2.0 and worker.stats.last_error.startswith("E_NO_SPACE"), worker.stats.last_error
+        with store.read() as c:
+            jobs = c.execute(select(Job.state, Job.attempts, Job.lease_owner)).all()
+            assert c.execute(select(Bitstream.id)).all() == []
+        # between two tries every job is pending again, with no attempt charged and no lease held
+        assert {(j.state, j.lease_owner) for j in jobs} <= {("pending", None), ("running", "owner-1")}
+        assert all(j.attempts <= 1 for j in jobs)
+        assert all(p.read_bytes() == data for p, data in contents.items())
+
+        _limit_pages(store, None)  # room again
+        assert _wait_for(lambda: _counts(store)["done"] == 3 and not any(p.exists() for p in contents), 90), _counts(store)
+    finally:
+        stop.set()
+        work.set()
+        thread.join(30)
+    with store.read() as c:
+        assert c.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
+        assert len(c.execute(select(Bitstream.id)).all()) == 3
+        assert sorted(a for (a,) in c.execute(select(Job.attempts))) == [1, 1, 1]  # the full disk cost none
+    assert not list(root.glob(".nicd-*"))
+
+
+def _counts(store):
+    from nicd.store import queue
+
+    with store.read() as c:
+        return queue.counts(c)
+
+
+def _wait_for(pred, timeout):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.1)
+    return bool(pred())

@@ -118,6 +118,12 @@ class Worker:
         renewer.start()
         try:
             return self._process(jobs)
+        except StorageError:
+            # A full disk or a database hiccup is not the images' fault: give back what is still held,
+            # uncounted, rather than leave it leased for LEASE_SECONDS and charged an attempt (eight
+            # such hiccups would fail a good image as a crash loop). Finished jobs are not touched.
+            self._release([j.id for j in jobs])
+            raise
         finally:
             done.set()
             renewer.join(5.0)
