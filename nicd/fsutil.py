@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from . import faults
+
 TEMP_PREFIX = ".nicd-tmp-"
 
 
@@ -32,6 +34,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        faults.point("write.temp-synced")
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -39,4 +42,5 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
+    faults.point("write.renamed")
     fsync_dir(path.parent)

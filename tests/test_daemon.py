@@ -16,6 +16,7 @@ import subprocess
 import time
 import zlib
 
+import numpy as np
 import pytest
 
 from conftest import image_bytes, nicd_env, run_nicd, sha256, spawn_nicd, write_config
@@ -113,10 +114,14 @@ def test_crash_campaign_sigkill_at_random_moments(tmp_path, notify_socket, codec
         kills += 1
         _check_crash_invariants(db_path, originals)
     assert kills >= 20 and killed_while_working >= 5
+    _finish_cleanly(cfg, db_path, originals, notify_socket, codec)
 
-    # a clean run finishes the rest
+
+def _finish_cleanly(cfg, db_path, originals: dict[str, str], notify_socket, codec) -> None:
+    """A clean run after the crashes finishes the rest (policy delete): every image done exactly once,
+    its bitstream decodes, every original deleted once, each delete intent followed by its delete."""
     notify_socket.messages.clear()
-    p = spawn_nicd("watch", "--config", cfg, env=env)
+    p = spawn_nicd("watch", "--config", cfg, env=nicd_env(NOTIFY_SOCKET=notify_socket.path))
     try:
         assert notify_socket.wait_for("READY=1", 30)
         assert _wait(lambda: set(_job_states(db_path).values()) == {"done"} and len(_job_states(db_path)) == len(originals)
@@ -138,6 +143,87 @@ def test_crash_campaign_sigkill_at_random_moments(tmp_path, notify_socket, codec
         assert intents == applied == set(originals)
     finally:
         con.close()
+    roots = {os.path.dirname(x) for x in originals}
+    assert not [f for r in roots for f in os.listdir(r) if f.startswith(".nicd-")]  # nothing hidden left behind
+
+
+# Each crash point of nicd/faults.py the daemon passes, at the first and at the third arrival (after
+# other images have gone through it): (site, n) → what must be true at the moment of the kill, as
+# (fewest and most bitstreams stored, delete intents, deletes applied, originals gone from their path).
+# Images are discovered one by one, so coding and deleting interleave: the worker's points fix the
+# number of bitstreams, the originals' points the number of deletes.
+CRASH_POINTS = {
+    "worker.before-commit": lambda n: (n - 1, n - 1, range(n), range(n), range(n)),
+    "worker.after-commit": lambda n: (n, n, range(n + 1), range(n), range(n)),
+    "originals.after-intent": lambda n: (n, 4, n, n - 1, n - 1),
+    "originals.hidden": lambda n: (n, 4, n, n - 1, n),
+    "originals.after-unlink": lambda n: (n, 4, n, n - 1, n),
+}
+
+
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("site", sorted(CRASH_POINTS))
+def test_sigkill_at_each_crash_point_loses_nothing_and_the_next_start_finishes(tmp_path, notify_socket, codec, site, n):
+    """NICD_FAULT=<site>:<n> kills the daemon at exactly that point (policy delete, 4 images in one
+    batch); the invariants hold there, and the next start finishes everything exactly once."""
+    root = tmp_path / "photos"
+    root.mkdir()
+    originals = {}
+    for i in range(4):
+        d = image_bytes(3000 + i, size=(64, 48))
+        (root / f"{i}.png").write_bytes(d)
+        originals[str(root / f"{i}.png")] = sha256(d)
+    db_path = tmp_path / "state" / "nicd.db"
+    cfg = write_config(tmp_path / "c.toml", database=db_path, roots=[root], policy="delete", settle=0.1)
+    p = spawn_nicd("watch", "--config", cfg, env=nicd_env(NOTIFY_SOCKET=notify_socket.path, NICD_FAULT=f"{site}:{n}"))
+    try:
+        rc = p.wait(120)
+    finally:
+        _kill(p)
+    assert rc == -signal.SIGKILL, f"the daemon did not reach {site} {n} times (exit {rc})"
+    _check_crash_invariants(db_path, originals)
+    con = _db(db_path)
+    try:
+        at_kill = (
+            con.execute("SELECT count(*) FROM bitstreams").fetchone()[0],
+            con.execute("SELECT count(*) FROM events WHERE kind = 'delete_intent'").fetchone()[0],
+            con.execute("SELECT count(*) FROM events WHERE kind = 'delete_applied'").fetchone()[0],
+            sum(not os.path.exists(x) for x in originals),
+        )
+    finally:
+        con.close()
+    fewest, most, *deletes = CRASH_POINTS[site](n)
+    assert fewest <= at_kill[0] <= most, at_kill
+    assert all(got in want if isinstance(want, range) else got == want for got, want in zip(at_kill[1:], deletes)), at_kill
+    hidden = [f for f in os.listdir(root) if f.startswith(".nicd-del-")]
+    assert len(hidden) == (site == "originals.hidden")  # the pinned original, found again by the repair
+    _finish_cleanly(cfg, db_path, originals, notify_socket, codec)
+
+
+@pytest.mark.parametrize("site", ["write.temp-synced", "write.renamed"])
+def test_sigkill_while_nicd_decode_writes_leaves_no_half_file(tmp_path, codec, site):
+    """Killed before the rename: no output file (the complete temp file is left, never under the
+    target's name); killed after it: the whole file. Either way a second run writes it."""
+    from nicd.codec.imageio import load_image
+
+    data = codec.encode(load_image(image_bytes(7, (80, 56))), quality=3).data
+    (tmp_path / "a.nicd").write_bytes(data)
+    out = tmp_path / "out" / "a.png"
+    out.parent.mkdir()
+    r = run_nicd("decode", tmp_path / "a.nicd", "-o", out, "--device", "cpu", env=nicd_env(NICD_FAULT=f"{site}:1"))
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    temps = [f for f in os.listdir(out.parent) if f.startswith(".nicd-tmp-")]
+    expected = codec.decode_rgb(data)
+    if site == "write.temp-synced":
+        assert not out.exists() and len(temps) == 1
+        r = run_nicd("decode", tmp_path / "a.nicd", "-o", out, "--device", "cpu")
+        assert r.returncode == 0, r.stderr
+    else:
+        assert temps == []
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert (np.asarray(im.convert("RGB")) == expected).all()
 
 
 def test_sigterm_stops_within_10s_and_the_next_start_finishes(tmp_path, notify_socket):

@@ -88,6 +88,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageFile, PngImagePlugin, UnidentifiedImageError
 
+from .. import faults
 from ..errors import FormatError, InputError, NicdError, StorageError
 from ..fsutil import TEMP_PREFIX, fsync_dir
 
@@ -867,6 +868,7 @@ def save_image(image: Image.Image, path: str | os.PathLike, *, format: str | Non
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, perms)
+        faults.point("write.temp-synced")
         if replace:
             os.replace(tmp, path_s)
         else:
@@ -879,6 +881,7 @@ def save_image(image: Image.Image, path: str | os.PathLike, *, format: str | Non
         if isinstance(err, Exception) and not isinstance(err, NicdError):
             raise StorageError(f"cannot write {path_s}: {_reason(err)}", path=path_s) from err
         raise
+    faults.point("write.renamed")
     fsync_dir(directory)
 
 

@@ -32,6 +32,7 @@ from typing import Iterable
 
 from sqlalchemy import select
 
+from .. import faults
 from ..errors import NicdError
 from ..fsutil import fsync_dir
 from ..store import catalog, kept_models
@@ -146,6 +147,7 @@ class OriginalsPolicy:
         tmp = os.path.join(folder, tmp_name)
         with self.store.write() as conn:  # durable before the rename: repair() finds the hidden name
             catalog.add_event(conn, "delete_intent", path=path, sha256=sha, detail=tmp_name)
+        faults.point("originals.after-intent")
         try:
             os.rename(path, tmp)  # pins one file: whatever is at the path from now on is not touched
         except FileNotFoundError:
@@ -157,6 +159,7 @@ class OriginalsPolicy:
             with self.store.write() as conn:
                 catalog.add_event(conn, "delete_failed", path=path, sha256=sha, detail=str(exc))
             return False
+        faults.point("originals.hidden")
         try:
             held = _hash_pinned(tmp)
         except OSError as exc:
@@ -185,6 +188,7 @@ class OriginalsPolicy:
                                   detail=str(exc) + ("" if where == path else f"; kept as {where}"))
             return False
         fsync_dir(folder)
+        faults.point("originals.after-unlink")
         with self.store.write() as conn:
             catalog.mark_deleted(conn, path, sha)
         log.info("deleted original %s (bitstream stored and verified)", path)

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .. import faults
 from ..config import Config
 from ..errors import NicdError, StorageError
 from ..codec import registry
@@ -277,6 +278,7 @@ class Worker:
             "decode_seconds": res.decode_seconds,
             "baseline_seconds": baseline_seconds,
         }
+        faults.point("worker.before-commit")
         try:
             with self.store.write() as conn:
                 ok = queue.complete(conn, job.id, self.owner, row)
@@ -285,6 +287,7 @@ class Worker:
                 if model_file is not None:  # never a bitstream in the archive without its model
                     kept_models.keep(conn, info.model_id, info.sha256, model_file)
             self._kept.add(info.sha256)
+            faults.point("worker.after-commit")
         except _LeaseLost:
             log.warning("job %d: lease lost before its result was stored; result dropped", job.id)
             return Verdict(job.id, job.content_sha256, "released")
