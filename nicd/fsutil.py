@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
 
 from . import faults
+from .errors import StorageError
 
 TEMP_PREFIX = ".nicd-tmp-"
+
+
+def write_error(path: str | os.PathLike, err: BaseException) -> StorageError:
+    """A failed write as one readable line: ``E_NO_SPACE`` when the disk or the quota is full (the
+    daemon's database reports the same code), else ``E_STORAGE``."""
+    reason = " ".join(str(getattr(err, "strerror", None) or err or type(err).__name__).split())
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+    return StorageError(f"cannot write {os.fspath(path)}: {reason}", code="E_NO_SPACE" if full else "E_STORAGE",
+                        path=os.fspath(path))
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

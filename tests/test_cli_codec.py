@@ -129,3 +129,44 @@ def test_models_lists_default():
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     assert any("default" in row["aliases"] for row in rows)
+
+
+def _file_size_limit(limit: int):
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+@pytest.mark.parametrize("command", ["encode", "decode"])
+def test_a_write_the_kernel_refuses_is_one_line_and_leaves_the_old_file(photos, tmp_path, command):
+    """A real failed write (RLIMIT_FSIZE: the kernel answers EFBIG, as it answers ENOSPC on a full
+    disk): one line with a storage code, exit 1, the file already at the target untouched, no temp file."""
+    from conftest import nicd_env
+
+    src = photos[0]
+    r = subprocess.run([sys.executable, "-m", "nicd", "encode", src, "-o", tmp_path / "a.nicd"], env=nicd_env(),
+                       capture_output=True, text=True, timeout=120)  # (also keeps the model: no warning below)
+    assert r.returncode == 0, r.stderr
+    if command == "decode":
+        src, target = tmp_path / "a.nicd", tmp_path / "out" / "a.png"
+    else:
+        target = tmp_path / "out" / "a.nicd"  # the .nicd file is a few KB
+    target.parent.mkdir()
+    target.write_bytes(b"the previous version")
+    r = subprocess.run([sys.executable, "-m", "nicd", command, src, "-o", target], env=nicd_env(), capture_output=True,
+                       text=True, timeout=120, preexec_fn=_file_size_limit(100))
+    assert r.returncode == 1
+    assert r.stderr == f"nicd: {src}: cannot write {target}: File too large [E_STORAGE]\n", r.stderr
+    assert target.read_bytes() == b"the previous version"
+    assert os.listdir(target.parent) == ["a" + target.suffix]
+
+
+def test_a_full_disk_is_reported_as_e_no_space():
+    import errno
+
+    from nicd.fsutil import write_error
+
+    assert write_error("/x/a.png", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))).code == "E_NO_SPACE"
+    assert write_error("/x/a.png", OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))).code == "E_NO_SPACE"
+    err = write_error("/x/a.png", OSError(errno.EACCES, os.strerror(errno.EACCES)))
+    assert (err.code, err.message) == ("E_STORAGE", "cannot write /x/a.png: Permission denied")

@@ -244,13 +244,13 @@ def test_failed_or_interrupted_restore_leaves_no_partial_or_temp_file(archive, t
 
     monkeypatch.setattr(Image.Image, "save", failing_save)
     res = restore([photos / "b"], load_config(cfg), out=out)
-    assert not res.ok and {i.code for i in res.items} == {"E_STORAGE"}
+    assert not res.ok and {i.code for i in res.items} == {"E_NO_SPACE"}  # the daemon's code for a full disk
     assert not [p for p in out.rglob("*") if p.is_file()]
     assert not _temp_files(tmp_path)
 
     r = runner.invoke(app, ["restore", str(photos / "b"), "--out", str(out), "--config", str(cfg)])
     assert r.exit_code == 1
-    assert "alpha.png" in r.stderr and "[E_STORAGE]" in r.stderr
+    assert "alpha.png" in r.stderr and "No space left on device [E_NO_SPACE]" in r.stderr
 
     def interrupted_save(self, fp, *a, **kw):
         fp.write(b"\x89PNG half a file")

@@ -43,9 +43,12 @@ def _report_failures(failures: list[tuple[Exception, str]]) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    from ..fsutil import atomic_write_bytes
+    from ..fsutil import atomic_write_bytes, write_error
 
-    atomic_write_bytes(path, data)
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as err:
+        raise write_error(path, err) from None
 
 
 @app.command()
@@ -93,8 +96,9 @@ def encode(
             continue
         try:
             _write_atomic(dst, res.data)
-        except OSError as exc:
-            failures.append((exc, str(dst)))
+        except NicdError as err:
+            failures.append((err, str(src)))
+            rows.append({"input": str(src), "error": err.to_dict()})
             continue
         rows.append({"input": str(src), "output": str(dst), **res.to_dict()})
     if as_json:

@@ -89,8 +89,8 @@ import numpy as np
 from PIL import Image, ImageFile, PngImagePlugin, UnidentifiedImageError
 
 from .. import faults
-from ..errors import FormatError, InputError, NicdError, StorageError
-from ..fsutil import TEMP_PREFIX, fsync_dir
+from ..errors import FormatError, InputError, NicdError
+from ..fsutil import TEMP_PREFIX, fsync_dir, write_error
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -851,7 +851,7 @@ def save_image(image: Image.Image, path: str | os.PathLike, *, format: str | Non
     try:
         fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     except OSError as err:
-        raise StorageError(f"cannot create a file in {directory}: {_reason(err)}", path=path_s) from None
+        raise write_error(directory, err) from None
     try:
         with os.fdopen(fd, "wb") as f:
             try:
@@ -879,7 +879,7 @@ def save_image(image: Image.Image, path: str | os.PathLike, *, format: str | Non
         except OSError:
             pass
         if isinstance(err, Exception) and not isinstance(err, NicdError):
-            raise StorageError(f"cannot write {path_s}: {_reason(err)}", path=path_s) from err
+            raise write_error(path_s, err) from err
         raise
     faults.point("write.renamed")
     fsync_dir(directory)
