@@ -556,3 +556,46 @@ def _wait_for(pred, timeout):
             return True
         time.sleep(0.1)
     return bool(pred())
+
+
+def test_a_storage_error_that_recurs_on_one_image_ends_in_its_verdict_not_a_loop(store, make_config, tmp_path):
+    """A database that refuses one image's bitstream (a real SQLite trigger, not a mock): the other
+    images of its batch are given back uncounted and coded; that one is retried, its attempts counted,
+    and failed with the storage error's code after MAX_ATTEMPTS, not retried forever."""
+    from nicd.daemon.worker import Worker
+    from nicd.errors import StorageError
+    from nicd.store import catalog, queue
+    from nicd.store.catalog import Signature
+    from nicd.store.models import Job
+
+    root = tmp_path / "root"
+    root.mkdir()
+    shas = []
+    for i in range(4):
+        p = root / f"img-{i}.png"
+        p.write_bytes(image_bytes(700 + i, (40, 32)))
+        shas.append(sha256(p.read_bytes()))
+        with store.write() as c:
+            catalog.record_hashed(c, str(p), str(root), Signature.of(os.lstat(p)), shas[-1], width=40, height=32)
+    poison = shas[1]  # coded second in the first batch: one image before it, two after
+    with store.write() as c:
+        c.exec_driver_sql(f"CREATE TRIGGER refuse_one BEFORE INSERT ON bitstreams WHEN NEW.content_sha256 = '{poison}' "
+                          "BEGIN SELECT RAISE(ABORT, 'refused by the test trigger'); END")
+    worker = Worker(store, make_config(roots=[root]), _codec(), "owner-1")
+    errors = 0
+    for _ in range(3 * queue.MAX_ATTEMPTS):
+        try:
+            if worker.run_batch() is None:
+                break
+        except StorageError as exc:
+            assert exc.code == "E_STORAGE" and "refused by the test trigger" in exc.message
+            errors += 1
+    else:
+        pytest.fail("the queue never drained")
+    with store.read() as c:
+        jobs = {r.content_sha256: r for r in c.execute(select(Job.content_sha256, Job.state, Job.attempts, Job.error_code,
+                                                                 Job.error_message))}
+    assert errors == queue.MAX_ATTEMPTS  # the last one is recorded as the verdict
+    assert (jobs[poison].state, jobs[poison].attempts, jobs[poison].error_code) == ("failed", queue.MAX_ATTEMPTS, "E_STORAGE")
+    assert jobs[poison].error_message.startswith(f"storing the result failed {queue.MAX_ATTEMPTS} times: database error")
+    assert all((jobs[s].state, jobs[s].attempts) == ("done", 1) for s in shas if s != poison)

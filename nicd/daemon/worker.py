@@ -32,6 +32,8 @@ log = logging.getLogger("nicd.worker")
 MAX_BATCH_ITEMS = 16
 MAX_PIXELS = 100_000_000
 MAX_BUSY_SECONDS = 4 * 3600.0  # past this, one batch is taken as hung: no more renewals or beats
+# Storage errors that say nothing about the images in hand (the batch is given back with no attempt counted).
+TRANSIENT_STORAGE_ERRORS = frozenset({"E_NO_SPACE", "E_DB_BUSY"})
 
 
 @dataclass
@@ -74,6 +76,7 @@ class Worker:
         self.lease_seconds = queue.LEASE_SECONDS
         self.max_busy_seconds = MAX_BUSY_SECONDS
         self._kept: set[str] = set()  # model hashes known to be in the archive
+        self._storing: int | None = None  # the job whose verdict is being written
 
     def keep_models(self) -> list[str]:
         """At start: keep in the archive the installed models that stored bitstreams name but it does
@@ -119,16 +122,24 @@ class Worker:
         renewer.start()
         try:
             return self._process(jobs)
-        except StorageError:
-            # A full disk or a database hiccup is not the images' fault: give back what is still held,
-            # uncounted, rather than leave it leased for LEASE_SECONDS and charged an attempt (eight
-            # such hiccups would fail a good image as a crash loop). Finished jobs are not touched.
-            self._release([j.id for j in jobs])
+        except StorageError as exc:
+            # Give back what is still held rather than leave it leased for LEASE_SECONDS (finished jobs
+            # are not touched), with no attempt counted: a full disk or a busy database is not the
+            # images' fault, and eight such hiccups would fail a good image as a crash loop. Any other
+            # storage error counts against the one job whose verdict was being stored, so that an
+            # error that recurs on one image ends in a verdict instead of a loop.
+            culprit = next((j for j in jobs if j.id == self._storing), None)
+            if exc.code in TRANSIENT_STORAGE_ERRORS:
+                culprit = None
+            self._release([j.id for j in jobs if j is not culprit])
+            if culprit is not None:
+                self._charge(culprit, exc)
             raise
         finally:
             done.set()
             renewer.join(5.0)
             self.current = []
+            self._storing = None
             self.busy_since = None
             self.stats.batches += 1
             self.beat()
@@ -166,6 +177,7 @@ class Worker:
         for job in jobs:
             if self.stop.is_set():
                 break
+            self._storing = job.id
             try:
                 data = self._read_content(job)
                 if data is None:
@@ -178,6 +190,7 @@ class Worker:
             except MemoryError:
                 verdicts.append(self._finish_fail(job, "E_TOO_LARGE", "not enough memory to read the image"))
             self.beat()
+        self._storing = None
         if self.stop.is_set():
             self._release([j.id for j in jobs if j.id not in {v.job_id for v in verdicts}])
             return verdicts
@@ -186,6 +199,7 @@ class Worker:
             with self.store.write() as conn:
                 queue.renew(conn, self.owner, [j.id for j, _, _ in ready], lease_seconds=self.lease_seconds)
             for (job, prepared, nbytes), res in zip(ready, results):
+                self._storing = job.id
                 if isinstance(res, NicdError):
                     verdicts.append(self._finish_fail(job, res.code, res.message))
                 elif isinstance(res, BaseException):
@@ -193,6 +207,7 @@ class Worker:
                 else:
                     verdicts.append(self._finish_done(job, prepared, nbytes, res))
                 self.beat()
+        self._storing = None
         done_shas = [v.sha256 for v in verdicts if v.state == "done"]
         if done_shas and self.policy is not None:
             self.policy.apply(done_shas)
@@ -322,12 +337,23 @@ class Worker:
             except Exception:  # noqa: BLE001
                 log.exception("verdict callback failed")
 
-    def _release(self, ids: list[int]) -> None:
+    def _charge(self, job: queue.ClaimedJob, exc: StorageError) -> None:
+        """Storing this job's verdict failed: retried later, the attempt counted; failed with the
+        storage error's code once it has had its attempts."""
+        if job.attempts >= queue.MAX_ATTEMPTS:
+            try:
+                self._finish_fail(job, exc.code, f"storing the result failed {job.attempts} times: {exc.message}")
+                return
+            except StorageError:
+                pass
+        self._release([job.id], count_attempt=True)
+
+    def _release(self, ids: list[int], *, count_attempt: bool = False) -> None:
         if not ids:
             return
         try:
             with self.store.write() as conn:
-                queue.release(conn, self.owner, ids)
+                queue.release(conn, self.owner, ids, count_attempt=count_attempt)
         except StorageError as exc:
             log.warning("could not release jobs %s: %s (their leases will expire)", ids, exc)
 

@@ -250,18 +250,20 @@ def fail(conn: Connection, job_id: int, owner: str, code: str, message: str, *, 
     return res.rowcount == 1
 
 
-def release(conn: Connection, owner: str, job_ids: Iterable[int] | None = None) -> int:
-    """Give leased jobs back as pending without counting the attempt (clean shutdown, transient errors)."""
+def release(conn: Connection, owner: str, job_ids: Iterable[int] | None = None, *, count_attempt: bool = False) -> int:
+    """Give leased jobs back as pending, by default without counting the attempt (clean shutdown,
+    transient errors); ``count_attempt`` keeps it counted, so that an error that recurs ends in
+    ``E_TOO_MANY_ATTEMPTS`` instead of a loop."""
     q = update(Job).where(Job.state == "running", Job.lease_owner == owner)
     if job_ids is not None:
         ids = list(job_ids)
         if not ids:
             return 0
         q = q.where(Job.id.in_(ids))
+    uncounted = func.max(Job.attempts - 1, 0) if conn.dialect.name == "sqlite" else func.greatest(Job.attempts - 1, 0)
     res = conn.execute(
         q.values(state="pending", lease_owner=None, lease_expires_at=None,
-                 attempts=func.max(Job.attempts - 1, 0) if conn.dialect.name == "sqlite" else func.greatest(Job.attempts - 1, 0),
-                 updated_at=utcnow())
+                 attempts=Job.attempts if count_attempt else uncounted, updated_at=utcnow())
     )
     return res.rowcount
 
