@@ -252,8 +252,8 @@ def fail(conn: Connection, job_id: int, owner: str, code: str, message: str, *, 
 
 def release(conn: Connection, owner: str, job_ids: Iterable[int] | None = None, *, count_attempt: bool = False) -> int:
     """Give leased jobs back as pending, by default without counting the attempt (clean shutdown,
-    transient errors); ``count_attempt`` keeps it counted, so that an error that recurs ends in
-    ``E_TOO_MANY_ATTEMPTS`` instead of a loop."""
+    transient errors); ``count_attempt`` keeps it counted, for an error that may recur on that job (its
+    caller gives up on it after ``MAX_ATTEMPTS``)."""
     q = update(Job).where(Job.state == "running", Job.lease_owner == owner)
     if job_ids is not None:
         ids = list(job_ids)
