@@ -45,7 +45,7 @@ def bytes_at_ssim(rgb: np.ndarray, target_ssim: float, codec: str = "jpeg") -> i
     while lo <= hi:
         q = (lo + hi) // 2
         data = encode(rgb, codec, q)
-        s = metrics.quality(rgb, decode(data))["ssim"]
+        s = metrics.quality(rgb, decode(data), with_ms_ssim=False)["ssim"]
         if s >= target_ssim:
             best = len(data) if best is None else min(best, len(data))
             hi = q - 1

@@ -92,3 +92,28 @@ def test_the_bench_command_writes_its_summary_with_the_thread_count(tmp_path):
     assert summary["count"] == 1 and summary["torch_threads"] == torch.get_num_threads()
     assert len(summary["codecs"]["nicd"]["curve"]) == 2
     assert (tmp_path / "out" / "rd.png").stat().st_size > 0
+
+
+def test_jpeg_at_equal_ssim_is_the_smallest_jpeg_reaching_it():
+    """The figure `nicd report` compares against: checked against every quality setting of libjpeg."""
+    from nicd import baselines
+    from nicd.codec import metrics
+
+    rgb = np.ascontiguousarray(kodak(5)[:128, :192])
+    every = []  # (size, SSIM) at every quality setting
+    for q in range(1, 101):
+        data = baselines.encode(rgb, "jpeg", q)
+        every.append((len(data), metrics.quality(rgb, baselines.decode(data))["ssim"]))
+    for target in (0.9, 0.97):
+        assert baselines.jpeg_bytes_at_ssim(rgb, target) == min(n for n, s in every if s >= target)
+    assert baselines.jpeg_bytes_at_ssim(rgb, 1.0) is None  # JPEG never reaches a perfect SSIM here
+
+
+def test_ms_ssim_is_skipped_only_when_not_asked_for():
+    from nicd.codec import metrics
+
+    a = np.ascontiguousarray(kodak(5)[:200, :240])
+    b = np.clip(a.astype(int) + 9, 0, 255).astype(np.uint8)
+    full, lean = metrics.quality(a, b), metrics.quality(a, b, with_ms_ssim=False)
+    assert lean["ms_ssim"] is None and 0 < full["ms_ssim"] < 1
+    assert (lean["psnr"], lean["ssim"]) == (full["psnr"], full["ssim"])

@@ -28,22 +28,23 @@ def _to_tensor(a: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _ssims(a: np.ndarray, b: np.ndarray) -> tuple[float, float | None]:
+def _ssims(a: np.ndarray, b: np.ndarray, with_ms_ssim: bool = True) -> tuple[float, float | None]:
     h, w = a.shape[:2]
     if min(h, w) < 11:
         # Too small for the 11×11 window: fall back to the exact-match test SSIM reduces to.
         return (1.0 if np.array_equal(a, b) else float(1 - np.mean(np.abs(a.astype(float) - b)) / 255)), None
     ta, tb = _to_tensor(a), _to_tensor(b)
     s = float(ssim(ta, tb, data_range=255, size_average=True))
-    ms = float(ms_ssim(ta, tb, data_range=255, size_average=True)) if min(h, w) >= MSSSIM_MIN_SIDE else None
+    ms = float(ms_ssim(ta, tb, data_range=255, size_average=True)) if with_ms_ssim and min(h, w) >= MSSSIM_MIN_SIDE else None
     return s, ms
 
 
-def quality(original: np.ndarray, decoded: np.ndarray) -> dict:
-    """PSNR, SSIM and MS-SSIM of two H×W×3 uint8 images."""
+def quality(original: np.ndarray, decoded: np.ndarray, *, with_ms_ssim: bool = True) -> dict:
+    """PSNR, SSIM and MS-SSIM of two H×W×3 uint8 images (MS-SSIM None when not asked for: it costs
+    about as much again as SSIM)."""
     h, w = original.shape[:2]
     if h * w <= TILE * TILE * 2:
-        s, ms = _ssims(original, decoded)
+        s, ms = _ssims(original, decoded, with_ms_ssim)
         return {"psnr": psnr(original, decoded), "ssim": s, "ms_ssim": ms}
     total, s_sum, ms_sum, ms_area, se = 0, 0.0, 0.0, 0, 0.0
     for y in range(0, h, TILE):
@@ -51,7 +52,7 @@ def quality(original: np.ndarray, decoded: np.ndarray) -> dict:
             a = original[y : y + TILE, x : x + TILE]
             b = decoded[y : y + TILE, x : x + TILE]
             area = a.shape[0] * a.shape[1]
-            s, ms = _ssims(a, b)
+            s, ms = _ssims(a, b, with_ms_ssim)
             s_sum += s * area
             if ms is not None:
                 ms_sum += ms * area
