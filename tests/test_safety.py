@@ -530,7 +530,7 @@ def test_a_full_disk_pauses_the_worker_keeps_every_original_and_charges_no_attem
         assert all(p.read_bytes() == data for p, data in contents.items())
 
         _limit_pages(store, None)  # room again
-        assert _wait_for(lambda: _counts(store)["done"] == 3 and not any(p.exists() for p in contents), 90), _counts(store)
+        assert _until(lambda: _counts(store)["done"] == 3 and not any(p.exists() for p in contents), 90), _counts(store)
     finally:
         stop.set()
         work.set()
@@ -548,14 +548,6 @@ def _counts(store):
     with store.read() as c:
         return queue.counts(c)
 
-
-def _wait_for(pred, timeout):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.1)
-    return bool(pred())
 
 
 def test_a_storage_error_that_recurs_on_one_image_ends_in_its_verdict_not_a_loop(store, make_config, tmp_path):
