@@ -164,8 +164,8 @@ CRASH_POINTS = {
 @pytest.mark.parametrize("n", [1, 3])
 @pytest.mark.parametrize("site", sorted(CRASH_POINTS))
 def test_sigkill_at_each_crash_point_loses_nothing_and_the_next_start_finishes(tmp_path, notify_socket, codec, site, n):
-    """NICD_FAULT=<site>:<n> kills the daemon at exactly that point (policy delete, 4 images in one
-    batch); the invariants hold there, and the next start finishes everything exactly once."""
+    """NICD_FAULT=<site>:<n> kills the daemon at exactly that point (policy delete, 4 images); the
+    invariants hold there, and the next start finishes everything exactly once."""
     root = tmp_path / "photos"
     root.mkdir()
     originals = {}
@@ -203,7 +203,7 @@ def test_sigkill_at_each_crash_point_loses_nothing_and_the_next_start_finishes(t
 @pytest.mark.parametrize("site", ["write.temp-synced", "write.renamed"])
 def test_sigkill_while_nicd_decode_writes_leaves_no_half_file(tmp_path, codec, site):
     """Killed before the rename: no output file (the complete temp file is left, never under the
-    target's name); killed after it: the whole file. Either way a second run writes it."""
+    target's name), and a second run writes it; killed after the rename: the whole file is there."""
     from nicd.codec.imageio import load_image
 
     data = codec.encode(load_image(image_bytes(7, (80, 56))), quality=3).data
