@@ -263,7 +263,7 @@ def train(
     run_dir: Path = typer.Option(Path("runs/msh-96-144-mse"), "--run-dir", help="Run folder: checkpoint.pt and curve.csv live here; an existing run is resumed."),
     data: Path = typer.Option(Path("../shared/data/train"), "--data", help="Training images: a folder or a pack (.npz)."),
     val: Optional[Path] = typer.Option(Path("../shared/data/val"), "--val", help="Validation images (folder or pack)."),
-    kind: str = typer.Option("mean-scale", "--kind", help="mean-scale | factorized"),
+    kind: str = typer.Option("mean-scale", "--kind", help="mean-scale | mean-scale-cc (with the channel context of Minnen & Singh 2020; --init-from a mean-scale model adds it) | factorized"),
     n: int = typer.Option(96, "--n", help="Channels of the transforms (N)."),
     m: int = typer.Option(144, "--m", help="Latent channels (M)."),
     hyper_width: Optional[int] = typer.Option(None, "--hyper-width", help="Width of h_s's hidden layers (default: M); a widened model keeps its source's."),

@@ -21,8 +21,8 @@ import torch
 from ..errors import FormatError, VerificationError
 from . import entropy
 from .density import gaussian_likelihood
-from .intnet import ACT_FRACTION, IntegerHyperSynthesis
-from .models import CodecModel, MeanScaleHyperprior
+from .intnet import ACT_FRACTION, ACT_LIMIT, IntegerConvNet, IntegerHyperSynthesis
+from .models import ChannelContextHyperprior, CodecModel, MeanScaleHyperprior
 from .tables import TableSet, factorized_tables, gaussian_tables, scale_table
 
 Z_LIMIT = 1 << 15  # |z| clip: keeps the integer network inside its proven exact range
@@ -72,6 +72,7 @@ class FrozenModel:
             self.y_tables = TableSet.from_arrays(arrays, "y")
             self.int_h_s = IntegerHyperSynthesis.from_state(arrays)
             self.z_models = entropy.TableModels(self.z_tables)
+            self.int_ctx = _context_nets_from_state(arrays, model)
         else:
             self.y_tables = TableSet.from_arrays(arrays, "y")
         self.y_models = entropy.TableModels(self.y_tables)
@@ -100,6 +101,10 @@ class FrozenModel:
             arrays.update(_learned_tables(model.density_z).to_arrays("z"))
             arrays.update(gaussian_tables().to_arrays("y"))
             arrays.update(IntegerHyperSynthesis.from_float(model.h_s).state())
+            for s, net in enumerate(getattr(model, "ctx", ())):  # a channel-context model's
+                int_net = IntegerConvNet(IntegerConvNet.convert(net, ACT_FRACTION), ACT_FRACTION)
+                int_net.check_bounds(ACT_LIMIT)
+                arrays.update(int_net.layer_state(f"int_ctx{s}"))
         else:
             arrays.update(_learned_tables(model.density_y).to_arrays("y"))
         return {k: (v.astype(np.int32) if k.endswith(".counts") else v) for k, v in arrays.items()}
@@ -122,7 +127,7 @@ class FrozenModel:
     # -- entropy coding ------------------------------------------------------------------------
     def code(self, y_base: np.ndarray, quality: int) -> CodedLatents:
         y = y_base * self.gain[quality - 1][:, None, None]
-        if self.kind == MeanScaleHyperprior.kind:
+        if hasattr(self, "int_h_s"):
             return self._code_hyper(y)
         return self._code_factorized(y)
 
@@ -132,16 +137,21 @@ class FrozenModel:
         decoder = entropy.new_decoder(streams[0])
         escapes = entropy.EscapeReader(streams[1], Y_LIMIT)
         h, w = latent_hw
-        if self.kind == MeanScaleHyperprior.kind:
+        if hasattr(self, "int_h_s"):
             zh, zw = h // 4, w // 4
             z_ids = np.repeat(np.arange(self.n), zh * zw)
             z_int = entropy.decode_grouped(decoder, z_ids, self.z_models, escapes).reshape(1, self.n, zh, zw)
             if np.abs(z_int).max(initial=0) > Z_LIMIT:  # the encoder clips z to ±Z_LIMIT
                 raise FormatError("coded z is out of range", code="E_FORMAT_STREAM")
-            idx, mean_fp = self.int_h_s(z_int)
-            sym = entropy.decode_grouped(decoder, idx.ravel(), self.y_models, escapes).reshape(self.m, h, w)
+            hyper = self.int_h_s.raw(z_int)
+            sym = np.empty((self.m, h, w), dtype=np.int64)
+            y_hat_fp = np.empty((self.m, h, w), dtype=np.int64)
+            for s, channels in enumerate(self._slices()):
+                idx, mean_fp = self._slice_params(s, hyper, y_hat_fp)
+                sym[channels] = entropy.decode_grouped(decoder, idx.ravel(), self.y_models, escapes).reshape(idx.shape)
+                y_hat_fp[channels] = sym[channels] * (1 << ACT_FRACTION) + mean_fp
             checks = (z_int, sym)
-            y_hat = sym + mean_fp[0] / float(1 << ACT_FRACTION)
+            y_hat = y_hat_fp / float(1 << ACT_FRACTION)
         else:
             ids = np.repeat(np.arange(self.m), h * w)
             sym = entropy.decode_grouped(decoder, ids, self.y_models, escapes).reshape(self.m, h, w)
@@ -156,19 +166,44 @@ class FrozenModel:
             raise VerificationError("escape stream has trailing bytes", code="E_VERIFY_SYMBOLS")
         return y_hat
 
+    def _slices(self) -> list[slice]:
+        """The channel slices of y, in coding order (one for a plain mean-scale model)."""
+        k = len(self.int_ctx) + 1
+        c = self.m // k
+        return [slice(s * c, (s + 1) * c) for s in range(k)]
+
+    def _slice_params(self, s: int, hyper: np.ndarray, y_hat_fp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Table indices and fixed-point means of slice s, from h_s's output and (through slice s's
+        integer context network) the slices before it: exactly what the decoder computes."""
+        channels = self._slices()[s]
+        scales_fp, means_fp = hyper[0, channels], hyper[0, self.m:][channels]
+        if s:
+            before = np.clip(y_hat_fp[: channels.start], -ACT_LIMIT, ACT_LIMIT)
+            x = torch.from_numpy(np.concatenate([hyper[0], before])[None].astype(np.float64))
+            delta = self.int_ctx[s - 1].run(x).numpy().astype(np.int64)[0]
+            c = channels.stop - channels.start
+            scales_fp, means_fp = scales_fp + delta[:c], means_fp + delta[c:]
+        return self.int_h_s.scale_index(scales_fp), means_fp
+
     def _code_hyper(self, y: np.ndarray) -> CodedLatents:
         with torch.no_grad():
             z = self.h_a64(torch.from_numpy(y)[None]).numpy()[0]
         z_int = np.clip(np.round(z), -Z_LIMIT, Z_LIMIT).astype(np.int64)
-        idx, mean_fp = self.int_h_s(z_int[None])
-        idx, mean_fp = idx[0], mean_fp[0]
-        mean = mean_fp / float(1 << ACT_FRACTION)
-        sym = np.clip(np.round(y - mean), -Y_LIMIT, Y_LIMIT).astype(np.int64)
+        hyper = self.int_h_s.raw(z_int[None])
         encoder = entropy.new_encoder()
         escaped = [
             entropy.encode_grouped(encoder, z_int.ravel(), np.repeat(np.arange(self.n), z_int[0].size), self.z_models),
-            entropy.encode_grouped(encoder, sym.ravel(), idx.ravel(), self.y_models),
         ]
+        sym = np.empty(y.shape, dtype=np.int64)
+        y_hat_fp = np.empty(y.shape, dtype=np.int64)
+        idx = np.empty(y.shape, dtype=np.int64)
+        mean = np.empty(y.shape, dtype=np.float64)
+        for s, channels in enumerate(self._slices()):
+            idx[channels], mean_fp = self._slice_params(s, hyper, y_hat_fp)
+            mean[channels] = mean_fp / float(1 << ACT_FRACTION)
+            sym[channels] = np.clip(np.round(y[channels] - mean[channels]), -Y_LIMIT, Y_LIMIT)
+            escaped.append(entropy.encode_grouped(encoder, sym[channels].ravel(), idx[channels].ravel(), self.y_models))
+            y_hat_fp[channels] = sym[channels] * (1 << ACT_FRACTION) + mean_fp
         streams = entropy.finish(encoder, escaped)
         y_hat = sym + mean
         with torch.no_grad():
@@ -187,6 +222,20 @@ class FrozenModel:
         with torch.no_grad():
             ly = self.density64.likelihood(torch.from_numpy(sym[None]).double())
         return CodedLatents(streams, symbol_crc(sym), float(-torch.log2(ly).sum()), sym.astype(np.float64))
+
+
+def _context_nets_from_state(arrays: dict, model: CodecModel) -> list[IntegerConvNet]:
+    """The integer context networks of a channel-context model (none for a plain mean-scale one),
+    each proven exact over its whole input range before use: a model file is data."""
+    nets = []
+    if isinstance(model, ChannelContextHyperprior):
+        for s in range(model.SLICES - 1):
+            net = IntegerConvNet(IntegerConvNet.layers_from_state(arrays, f"int_ctx{s}"), ACT_FRACTION)
+            if not net.layers:
+                raise KeyError(f"int_ctx{s}")
+            net.check_bounds(ACT_LIMIT)
+            nets.append(net)
+    return nets
 
 
 def latent_shape(height: int, width: int, stride: int) -> tuple[int, int]:

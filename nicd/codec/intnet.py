@@ -55,14 +55,116 @@ class IntLayer:
         return out.clamp(0.0 if self.relu else -ACT_LIMIT, ACT_LIMIT)
 
 
-class IntegerHyperSynthesis:
+class IntegerConvNet:
+    """A float nn.Sequential of convolutions and ReLUs as integer layers (ReLUs become the clip).
+
+    `input_fraction`: fixed-point fraction bits of the input (0 for integer z; ACT_FRACTION for an
+    input that is itself some network's fixed-point output); every layer's output has ACT_FRACTION."""
+
+    def __init__(self, layers: list[IntLayer], input_fraction: int = 0):
+        self.layers = layers
+        self.input_fraction = input_fraction
+
+    @staticmethod
+    def convert(net: nn.Sequential, input_fraction: int = 0) -> list[IntLayer]:
+        modules = list(net)
+        layers: list[IntLayer] = []
+        frac_in = input_fraction
+        for i, mod in enumerate(modules):
+            if not isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
+                continue
+            relu = i + 1 < len(modules) and isinstance(modules[i + 1], nn.ReLU)
+            w = mod.weight.detach().double()
+            b = mod.bias.detach().double()
+            wbits = int(np.floor(np.log2(((1 << WEIGHT_BITS) - 1) / max(float(w.abs().max()), 1e-12))))
+            shift = frac_in + wbits - ACT_FRACTION
+            if shift < 1:
+                raise ValueError("weights too large for the integer conversion")
+            w_int = torch.round(w * 2.0**wbits)
+            b_int = torch.round(b * 2.0 ** (frac_in + wbits))
+            layers.append(IntLayer(
+                transposed=isinstance(mod, nn.ConvTranspose2d),
+                weight=w_int,
+                bias=b_int,
+                shift=shift,
+                stride=mod.stride[0],
+                padding=mod.padding[0],
+                output_padding=mod.output_padding[0] if isinstance(mod, nn.ConvTranspose2d) else 0,
+                relu=relu,
+            ))
+            frac_in = ACT_FRACTION
+        return layers
+
+    def check_bounds(self, input_limit: float) -> None:
+        """Prove that no accumulator can reach 2**53 for inputs of magnitude ≤ input_limit."""
+        limit = input_limit
+        for layer in self.layers:
+            dims = (1, 2, 3) if not layer.transposed else (0, 2, 3)
+            per_output = layer.weight.abs().sum(dim=dims)
+            worst = float((per_output * limit + layer.bias.abs()).max())
+            if worst >= EXACT_LIMIT:
+                raise ValueError(f"integer network could overflow exact float64 range ({worst:.3g})")
+            limit = ACT_LIMIT
+
+    def float_state(self, prefix: str, conv_positions: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """The float network these integer layers stand for (w_int / 2**wbits): lets a shipped model,
+        which stores only the integer network, be trained further."""
+        out, frac_in = {}, self.input_fraction
+        for layer, pos in zip(self.layers, conv_positions):
+            wbits = layer.shift - frac_in + ACT_FRACTION
+            out[f"{prefix}.{pos}.weight"] = (layer.weight / 2.0**wbits).float()
+            out[f"{prefix}.{pos}.bias"] = (layer.bias / 2.0 ** (frac_in + wbits)).float()
+            frac_in = ACT_FRACTION
+        return out
+
+    def layer_state(self, prefix: str) -> dict[str, np.ndarray]:
+        out = {}
+        for i, layer in enumerate(self.layers):
+            out[f"{prefix}.{i}.weight"] = layer.weight.numpy().astype(np.int16)
+            out[f"{prefix}.{i}.bias"] = layer.bias.numpy().astype(np.int64)
+            out[f"{prefix}.{i}.meta"] = np.array(
+                [int(layer.transposed), layer.shift, layer.stride, layer.padding, layer.output_padding, int(layer.relu)],
+                dtype=np.int64,
+            )
+        return out
+
+    @staticmethod
+    def layers_from_state(arrays: dict, prefix: str) -> list[IntLayer]:
+        layers = []
+        i = 0
+        while f"{prefix}.{i}.meta" in arrays:
+            t, shift, stride, padding, outpad, relu = (int(v) for v in arrays[f"{prefix}.{i}.meta"])
+            layers.append(
+                IntLayer(
+                    transposed=bool(t),
+                    weight=torch.from_numpy(np.asarray(arrays[f"{prefix}.{i}.weight"]).astype(np.float64)),
+                    bias=torch.from_numpy(np.asarray(arrays[f"{prefix}.{i}.bias"]).astype(np.float64)),
+                    shift=shift,
+                    stride=stride,
+                    padding=padding,
+                    output_padding=outpad,
+                    relu=bool(relu),
+                )
+            )
+            i += 1
+        return layers
+
+    @torch.no_grad()
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """x: float64 holding integers in 2**-input_fraction units → float64 holding integers."""
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class IntegerHyperSynthesis(IntegerConvNet):
     """Maps integer z (N, C, h, w) to (scale index, mean in 1/2**ACT_FRACTION units), both int64."""
 
     # indices of the conv layers inside the float nn.Sequential h_s (ReLUs in between)
     conv_positions = (0, 2, 4)
 
     def __init__(self, layers: list[IntLayer], scale_thresholds: np.ndarray | None = None):
-        self.layers = layers
+        super().__init__(layers, input_fraction=0)
         # Stored with the model, so no machine's exp() can move a threshold.
         if scale_thresholds is None:
             scale_thresholds = nearest_scale_thresholds()
@@ -73,100 +175,36 @@ class IntegerHyperSynthesis:
 
     @classmethod
     def from_float(cls, h_s: nn.Sequential) -> "IntegerHyperSynthesis":
-        modules = list(h_s)
-        layers: list[IntLayer] = []
-        frac_in = 0  # z is an integer
-        for i, mod in enumerate(modules):
-            if not isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)):
-                continue
-            relu = i + 1 < len(modules) and isinstance(modules[i + 1], nn.ReLU)
-            w = mod.weight.detach().double()
-            b = mod.bias.detach().double()
-            wbits = int(np.floor(np.log2(((1 << WEIGHT_BITS) - 1) / max(float(w.abs().max()), 1e-12))))
-            shift = frac_in + wbits - ACT_FRACTION
-            if shift < 1:
-                raise ValueError("h_s weights too large for the integer conversion")
-            w_int = torch.round(w * 2.0**wbits)
-            b_int = torch.round(b * 2.0 ** (frac_in + wbits))
-            layer = IntLayer(
-                transposed=isinstance(mod, nn.ConvTranspose2d),
-                weight=w_int,
-                bias=b_int,
-                shift=shift,
-                stride=mod.stride[0],
-                padding=mod.padding[0],
-                output_padding=mod.output_padding[0] if isinstance(mod, nn.ConvTranspose2d) else 0,
-                relu=relu,
-            )
-            layers.append(layer)
-            frac_in = ACT_FRACTION
-        net = cls(layers)
+        net = cls(cls.convert(h_s, input_fraction=0))
         net.check_bounds()
         return net
 
     def check_bounds(self, z_limit: float = 2.0**15) -> None:
         """Prove that no accumulator can reach 2**53 for |z| ≤ z_limit (escaped z is clipped to it)."""
-        limit = z_limit
-        for layer in self.layers:
-            dims = (1, 2, 3) if not layer.transposed else (0, 2, 3)
-            per_output = layer.weight.abs().sum(dim=dims)
-            worst = float((per_output * limit + layer.bias.abs()).max())
-            if worst >= EXACT_LIMIT:
-                raise ValueError(f"integer h_s could overflow exact float64 range ({worst:.3g})")
-            limit = ACT_LIMIT
+        super().check_bounds(z_limit)
 
     def float_state(self, prefix: str = "h_s") -> dict[str, torch.Tensor]:
-        """The float h_s these integer layers stand for (w_int / 2**wbits): lets a shipped model,
-        which stores only the integer network, be trained further."""
-        out, frac_in, conv_positions = {}, 0, self.conv_positions
-        for layer, pos in zip(self.layers, conv_positions):
-            wbits = layer.shift - frac_in + ACT_FRACTION
-            out[f"{prefix}.{pos}.weight"] = (layer.weight / 2.0**wbits).float()
-            out[f"{prefix}.{pos}.bias"] = (layer.bias / 2.0 ** (frac_in + wbits)).float()
-            frac_in = ACT_FRACTION
-        return out
+        return super().float_state(prefix, self.conv_positions)
 
     def state(self) -> dict[str, np.ndarray]:
-        out = {"int_h_s.scale_thresholds": self.scale_thresholds}
-        for i, layer in enumerate(self.layers):
-            out[f"int_h_s.{i}.weight"] = layer.weight.numpy().astype(np.int16)
-            out[f"int_h_s.{i}.bias"] = layer.bias.numpy().astype(np.int64)
-            out[f"int_h_s.{i}.meta"] = np.array(
-                [int(layer.transposed), layer.shift, layer.stride, layer.padding, layer.output_padding, int(layer.relu)],
-                dtype=np.int64,
-            )
-        return out
+        return {"int_h_s.scale_thresholds": self.scale_thresholds, **self.layer_state("int_h_s")}
 
     @classmethod
     def from_state(cls, arrays: dict) -> "IntegerHyperSynthesis":
-        layers = []
-        i = 0
-        while f"int_h_s.{i}.meta" in arrays:
-            t, shift, stride, padding, outpad, relu = (int(v) for v in arrays[f"int_h_s.{i}.meta"])
-            layers.append(
-                IntLayer(
-                    transposed=bool(t),
-                    weight=torch.from_numpy(np.asarray(arrays[f"int_h_s.{i}.weight"]).astype(np.float64)),
-                    bias=torch.from_numpy(np.asarray(arrays[f"int_h_s.{i}.bias"]).astype(np.float64)),
-                    shift=shift,
-                    stride=stride,
-                    padding=padding,
-                    output_padding=outpad,
-                    relu=bool(relu),
-                )
-            )
-            i += 1
-        net = cls(layers, arrays.get("int_h_s.scale_thresholds"))
+        net = cls(cls.layers_from_state(arrays, "int_h_s"), arrays.get("int_h_s.scale_thresholds"))
         net.check_bounds()  # a model file is data: prove its integer network exact before using it
         return net
 
-    @torch.no_grad()
-    def __call__(self, z_int: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(z_int, dtype=np.float64))
-        for layer in self.layers:
-            x = layer(x)
-        out = x.numpy().astype(np.int64)
-        c = out.shape[1] // 2
-        scales_fp, means_fp = out[:, :c], out[:, c:]
+    def scale_index(self, scales_fp: np.ndarray) -> np.ndarray:
+        """Table index of fixed-point scales: the nearest table scale on the log axis."""
         index = np.searchsorted(self.scale_thresholds, scales_fp, side="left")
-        return np.minimum(index, len(scale_table()) - 1), means_fp
+        return np.minimum(index, len(scale_table()) - 1)
+
+    def raw(self, z_int: np.ndarray) -> np.ndarray:
+        """h_s's fixed-point output (N, 2C, h, w) int64: C scales, then C means."""
+        return self.run(torch.from_numpy(np.ascontiguousarray(z_int, dtype=np.float64))).numpy().astype(np.int64)
+
+    def __call__(self, z_int: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.raw(z_int)
+        c = out.shape[1] // 2
+        return self.scale_index(out[:, :c]), out[:, c:]

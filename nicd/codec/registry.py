@@ -31,7 +31,7 @@ import torch
 from ..errors import ModelError
 from ..fsutil import atomic_write_bytes
 from .frozen import FrozenModel
-from .intnet import IntegerHyperSynthesis
+from .intnet import ACT_FRACTION, IntegerConvNet, IntegerHyperSynthesis
 from .models import CodecModel, build_model
 
 
@@ -107,6 +107,11 @@ def model_from_arrays(config: dict, arrays: dict) -> CodecModel:
     state = {k[len("float.") :]: torch.from_numpy(v.astype(np.float32)) for k, v in arrays.items() if k.startswith("float.")}
     if "int_h_s.0.meta" in arrays:
         state.update(IntegerHyperSynthesis.from_state(arrays).float_state())
+    s = 0
+    while f"int_ctx{s}.0.meta" in arrays:  # a channel-context model's context networks
+        net = IntegerConvNet(IntegerConvNet.layers_from_state(arrays, f"int_ctx{s}"), ACT_FRACTION)
+        state.update(net.float_state(f"ctx.{s}", IntegerHyperSynthesis.conv_positions))
+        s += 1
     model.load_state_dict(state)
     return model.eval()
 
@@ -197,8 +202,9 @@ def export(model: CodecModel, name: str, directory: Path, extra_config: dict | N
     rounded = build_model(model.config())
     rounded.load_state_dict({k: v.float() for k, v in state.items()})
     rounded.eval()
-    # h_s is stored only as its integer network (more precise than float16, and what coding uses).
-    arrays = {f"float.{k}": v.numpy() for k, v in state.items() if not k.startswith("h_s.")}
+    # h_s (and a channel-context model's context networks) are stored only as integer networks:
+    # more precise than float16, and what coding uses.
+    arrays = {f"float.{k}": v.numpy() for k, v in state.items() if not k.startswith(("h_s.", "ctx."))}
     arrays.update(FrozenModel.build_arrays(rounded))
     config = {**model.config(), **(extra_config or {})}
     arrays["config.json"] = np.frombuffer(json.dumps(config, sort_keys=True).encode(), dtype=np.uint8)

@@ -287,6 +287,12 @@ class Trainer:
 
             origin["widened_from_m"] = config["m"]
             config, state = widen_state(config, state, self.model.m)
+        if config["kind"] == "mean-scale" and self.model.kind == "mean-scale-cc":
+            # The context networks start at zero: the new model codes exactly as its source did.
+            fresh = self.model.state_dict()
+            config = {**config, "kind": self.model.kind}
+            state = {**{k: v for k, v in fresh.items() if k.startswith("ctx.")}, **state}
+            origin["context_added"] = True
         source_ladder = tuple(config["lambdas"]) if config.get("lambdas") else None
         trained_on = source_ladder or _lambdas(self.opts.metric)
         if self.opts.lambdas is None:
