@@ -64,6 +64,9 @@ def test_a_context_model_fine_tuned_from_a_mean_scale_run_starts_where_it_stood(
     cc.opts.steps = 3
     cc.run()
     assert any(bool(net[-1].weight.detach().abs().max() > 0) for net in cc.model.ctx)
+    # at their own, higher learning rate
+    transforms, context = cc.optimizer.param_groups
+    assert context["params"][0] is cc.model.ctx[0][0].weight and context["lr"] == 10 * transforms["lr"] == 1e-2
 
 
 def test_roundtrip_is_exact_and_the_rate_is_what_the_model_estimates(cc_codec):

@@ -37,12 +37,13 @@ def test_tiny_run_lowers_the_loss(small_train, tmp_path):
     assert (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def test_resumed_run_equals_uninterrupted(small_train, tmp_path):
-    full = Trainer(opts(tmp_path / "a", small_train, steps=8))
+@pytest.mark.parametrize("kind", ["mean-scale", "mean-scale-cc"])
+def test_resumed_run_equals_uninterrupted(small_train, tmp_path, kind):
+    full = Trainer(opts(tmp_path / "a", small_train, steps=8, kind=kind))
     full.run()
-    first = Trainer(opts(tmp_path / "b", small_train, steps=4))
+    first = Trainer(opts(tmp_path / "b", small_train, steps=4, kind=kind))
     first.run()
-    resumed = Trainer(opts(tmp_path / "b", small_train, steps=8))
+    resumed = Trainer(opts(tmp_path / "b", small_train, steps=8, kind=kind))
     assert resumed.step == 4
     resumed.run()
     for a, b in ((full.model.state_dict(), resumed.model.state_dict()), (full.ema.state_dict(), resumed.ema.state_dict())):

@@ -85,6 +85,10 @@ class TrainOptions:
 AUX_LR = 1e-2
 
 
+# A channel-context model's context networks train at this multiple of the learning rate (`_param_groups`).
+CONTEXT_LR_FACTOR = 10.0
+
+
 def _lambdas(metric: str) -> tuple[float, ...]:
     if metric == "mse":
         return LAMBDAS_MSE
@@ -216,7 +220,7 @@ class Trainer:
                                   "lambdas": opts.lambdas}).to(self.device)
         if opts.patch % self.model.stride:
             raise ConfigError(f"patch {opts.patch} must be a multiple of {self.model.stride} for a {opts.kind} model")
-        self.optimizer = torch.optim.Adam(self.model.main_parameters(), lr=opts.lr)
+        self.optimizer = torch.optim.Adam(self._param_groups(), lr=opts.lr)
         self.aux_optimizer = torch.optim.Adam(self.model.aux_parameters(), lr=AUX_LR)
         self.ema = self._new_ema() if opts.ema_decay else None
         self.step = 0
@@ -225,6 +229,18 @@ class Trainer:
         self.val_images = load_images(opts.val_data, 64) if opts.val_data else []
         saved = self._load() if self.ckpt_path.exists() else None
         self._record_patches(saved)
+
+    def _param_groups(self) -> list[dict]:
+        """One group; a channel-context model's context networks in a second one at
+        CONTEXT_LR_FACTOR × the learning rate: they start from zero beside transforms that are
+        already trained, and at the transforms' rate they barely moved in 430 steps."""
+        params = dict(self.model.named_parameters())
+        main = self.model.main_parameters()
+        context = [p for name, p in params.items() if name.startswith("ctx.") and not name.endswith("quantiles")]
+        if not context:
+            return [{"params": main}]
+        ids = {id(p) for p in context}
+        return [{"params": [p for p in main if id(p) not in ids]}, {"params": context, "lr_scale": CONTEXT_LR_FACTOR}]
 
     # -- weight averaging ----------------------------------------------------------------------
     def _new_ema(self) -> torch.nn.Module:
@@ -405,7 +421,7 @@ class Trainer:
         else:
             q = torch.randint(0, QUALITIES, (x.shape[0],), device=self.device)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step) * group.get("lr_scale", 1.0)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.opts.bf16):
             out = self.model(x, q)
         if self.opts.bf16:  # the loss (rates, MSE, MS-SSIM) is always summed in float32
