@@ -13,10 +13,16 @@ from .errors import StorageError
 TEMP_PREFIX = ".nicd-tmp-"
 
 
+def error_reason(err: BaseException) -> str:
+    """An exception's reason on one line: the OS's text for an OSError (without errno and path)."""
+    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    return " ".join(str(text).split())
+
+
 def write_error(path: str | os.PathLike, err: BaseException) -> StorageError:
     """A failed write as one readable line: ``E_NO_SPACE`` when the disk or the quota is full (the
     daemon's database reports the same code), else ``E_STORAGE``."""
-    reason = " ".join(str(getattr(err, "strerror", None) or err or type(err).__name__).split())
+    reason = error_reason(err)
     full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
     return StorageError(f"cannot write {os.fspath(path)}: {reason}", code="E_NO_SPACE" if full else "E_STORAGE",
                         path=os.fspath(path))

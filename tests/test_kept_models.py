@@ -251,3 +251,19 @@ def test_encode_still_writes_when_the_model_cannot_be_kept(tmp_path):
     r = run_nicd("encode", src, "-o", tmp_path / "a.nicd", "--device", "cpu", env=nicd_env(XDG_DATA_HOME=blocked))
     assert r.returncode == 0, r.stderr
     assert "could not be kept" in r.stderr and (tmp_path / "a.nicd").stat().st_size > 0
+
+
+def test_an_installed_model_file_is_kept_only_when_it_matches_its_name(codec, tmp_path):
+    from nicd.codec import registry
+    from nicd.errors import ModelError
+
+    data, sha = registry.installed_bytes(codec.model_id)
+    assert sha == codec.info.sha256 and len(data) == codec.info.path.stat().st_size
+    forged = tmp_path / f"{codec.model_id[:-8]}deadbeef.npz"
+    forged.write_bytes(data)
+    with pytest.raises(ModelError) as err:
+        registry.installed_bytes(forged.stem, tmp_path)
+    assert err.value.code == "E_MODEL_HASH"
+    with pytest.raises(ModelError) as err:
+        registry.installed_bytes("no-such-model", tmp_path)
+    assert err.value.code == "E_MODEL_UNKNOWN"

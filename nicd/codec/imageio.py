@@ -90,7 +90,7 @@ from PIL import Image, ImageFile, PngImagePlugin, UnidentifiedImageError
 
 from .. import faults
 from ..errors import FormatError, InputError, NicdError
-from ..fsutil import TEMP_PREFIX, fsync_dir, write_error
+from ..fsutil import TEMP_PREFIX, error_reason, fsync_dir, write_error
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -185,7 +185,7 @@ def _open_regular_file(path: str) -> io.BufferedReader:
     except PermissionError:
         raise InputError(f"permission denied: {path}", code="E_PERMISSION", path=path) from None
     except (OSError, ValueError) as err:
-        raise InputError(f"cannot access {path}: {_reason(err)}", code="E_NOT_FOUND", path=path) from None
+        raise InputError(f"cannot access {path}: {error_reason(err)}", code="E_NOT_FOUND", path=path) from None
     if not stat.S_ISREG(st.st_mode):
         raise InputError(f"not a regular file ({_file_kind(st.st_mode)}): {path}", code="E_NOT_REGULAR_FILE", path=path)
     if st.st_size == 0:
@@ -199,7 +199,7 @@ def _open_regular_file(path: str) -> io.BufferedReader:
     except PermissionError:
         raise InputError(f"permission denied: {path}", code="E_PERMISSION", path=path) from None
     except OSError as err:
-        raise InputError(f"cannot open {path}: {_reason(err)}", code="E_NOT_REGULAR_FILE", path=path) from None
+        raise InputError(f"cannot open {path}: {error_reason(err)}", code="E_NOT_REGULAR_FILE", path=path) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -225,18 +225,13 @@ def _file_kind(st_mode: int) -> str:
     return "not a regular file"
 
 
-def _reason(err: BaseException) -> str:
-    text = getattr(err, "strerror", None) or str(err) or type(err).__name__
-    return " ".join(str(text).split())
-
-
 def _open(fp: Any, path: str | None) -> Image.Image:
     what = path or "the image data"
     try:
         return Image.open(fp)
     except Image.DecompressionBombError as err:
         raise InputError(
-            f"image too large (decompression bomb check) in {what}: {_reason(err)}",
+            f"image too large (decompression bomb check) in {what}: {error_reason(err)}",
             code="E_TOO_LARGE", path=path,
         ) from None
     except UnidentifiedImageError:
@@ -246,7 +241,7 @@ def _open(fp: Any, path: str | None) -> Image.Image:
     except MemoryError:
         raise InputError(f"image too large to open: {what}", code="E_TOO_LARGE", path=path) from None
     except Exception as err:  # noqa: BLE001 - plugins raise anything on corrupt headers
-        raise InputError(f"corrupt image header in {what}: {_reason(err)}", code="E_TRUNCATED", path=path) from None
+        raise InputError(f"corrupt image header in {what}: {error_reason(err)}", code="E_TRUNCATED", path=path) from None
 
 
 def _prepare(im: Image.Image, max_pixels: int, path: str | None, fmt: str | None) -> PreparedImage:
@@ -281,7 +276,7 @@ def _prepare(im: Image.Image, max_pixels: int, path: str | None, fmt: str | None
         im.load()
     except Image.DecompressionBombError as err:
         raise InputError(
-            f"image too large (decompression bomb check) in {what}: {_reason(err)}",
+            f"image too large (decompression bomb check) in {what}: {error_reason(err)}",
             code="E_TOO_LARGE", path=path,
         ) from None
     except MemoryError:
@@ -290,7 +285,7 @@ def _prepare(im: Image.Image, max_pixels: int, path: str | None, fmt: str | None
         raise InputError(f"permission denied: {what}", code="E_PERMISSION", path=path) from None
     except Exception as err:  # noqa: BLE001 - OSError, SyntaxError, ValueError, zlib.error, EOFError, struct.error...
         raise InputError(
-            f"truncated or corrupt image data in {what}: {_reason(err)}",
+            f"truncated or corrupt image data in {what}: {error_reason(err)}",
             code="E_TRUNCATED", path=path,
         ) from None
     if im.size != (w, h):  # a few plugins pick their final size while loading (ICNS, ICO)
@@ -310,7 +305,7 @@ def _prepare(im: Image.Image, max_pixels: int, path: str | None, fmt: str | None
         raise
     except Exception as err:  # noqa: BLE001 - conversion errors on odd data
         raise InputError(
-            f"cannot convert {what} (mode {im.mode}): {_reason(err)}",
+            f"cannot convert {what} (mode {im.mode}): {error_reason(err)}",
             code="E_UNSUPPORTED_MODE", path=path,
         ) from None
 

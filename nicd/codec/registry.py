@@ -133,6 +133,19 @@ def _check_hash(model_id: str, sha: str) -> None:
         raise ModelError(f"model file {model_id}.npz does not match its content hash ({sha[:8]})", code="E_MODEL_HASH")
 
 
+def installed_bytes(model_id: str, directory: Path | None = None) -> tuple[bytes, str]:
+    """An installed model file's bytes and SHA-256, checked against its name's hash (without
+    building the model, which takes seconds)."""
+    path = resolve(model_id, directory)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ModelError(f"cannot read model file {path}: {exc.strerror or exc}", code="E_MODEL_FILE") from None
+    sha = hashlib.sha256(data).hexdigest()
+    _check_hash(path.stem, sha)
+    return data, sha
+
+
 @lru_cache(maxsize=8)
 def _load_cached(path: str, sha: str) -> tuple[ModelInfo, FrozenModel]:
     model_id = Path(path).stem

@@ -86,15 +86,10 @@ class Worker:
             wanted = kept_models.unkept_in_use(conn)
         missing = []
         for model_id in wanted:
-            try:  # the file's bytes only: building the model would cost seconds at every start
-                data = registry.resolve(model_id).read_bytes()
-            except (NicdError, OSError) as err:
-                log.warning("bitstreams name model %s, which is neither installed nor kept: %s", model_id, err)
-                missing.append(model_id)
-                continue
-            sha = hashlib.sha256(data).hexdigest()
-            if not model_id.endswith(sha[:8]):
-                log.warning("the installed file of model %s does not match its name: not kept", model_id)
+            try:
+                data, sha = registry.installed_bytes(model_id)
+            except NicdError as err:  # not installed, unreadable, or not matching its name's hash
+                log.warning("bitstreams name model %s, which is not kept and cannot be kept now: %s", model_id, err)
                 missing.append(model_id)
                 continue
             with self.store.write() as conn:
