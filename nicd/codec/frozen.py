@@ -3,8 +3,8 @@
 Encoding runs the analysis transforms in float64 so that the rounding of `y` and `z` does not depend
 on thread count, batch size or memory layout (float32 differs by ~1e-7 between those, which flips
 a few symbols per image; float64 makes a flip a ~1e-9-per-image event). What the decoder needs to
-select probability tables is computed exactly (integer `h_s`, integer tables). Synthesis stays
-float32: its differences only move pixels slightly.
+select probability tables is computed exactly (integer `h_s`, a channel-context model's integer
+context networks, integer tables). Synthesis stays float32: its differences only move pixels slightly.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ class FrozenModel:
         self.stride = model.stride
         self.m = model.m
         self.n = model.n
-        if isinstance(model, MeanScaleHyperprior):
+        self.hyper = isinstance(model, MeanScaleHyperprior)  # z and h_s (else the factorized prior)
+        if self.hyper:
             self.z_tables = TableSet.from_arrays(arrays, "z")
             self.y_tables = TableSet.from_arrays(arrays, "y")
             self.int_h_s = IntegerHyperSynthesis.from_state(arrays)
@@ -127,7 +128,7 @@ class FrozenModel:
     # -- entropy coding ------------------------------------------------------------------------
     def code(self, y_base: np.ndarray, quality: int) -> CodedLatents:
         y = y_base * self.gain[quality - 1][:, None, None]
-        if hasattr(self, "int_h_s"):
+        if self.hyper:
             return self._code_hyper(y)
         return self._code_factorized(y)
 
@@ -137,7 +138,7 @@ class FrozenModel:
         decoder = entropy.new_decoder(streams[0])
         escapes = entropy.EscapeReader(streams[1], Y_LIMIT)
         h, w = latent_hw
-        if hasattr(self, "int_h_s"):
+        if self.hyper:
             zh, zw = h // 4, w // 4
             z_ids = np.repeat(np.arange(self.n), zh * zw)
             z_int = entropy.decode_grouped(decoder, z_ids, self.z_models, escapes).reshape(1, self.n, zh, zw)

@@ -5,7 +5,9 @@ The trained float `h_s` is converted once, at export, into integer weights and b
 power-of-two rescale after every layer and clipped ReLUs. At coding time it runs on integer-valued
 float64 tensors: every product and partial sum is an integer below 2**53, so the result is exact
 whatever the summation order, thread count, memory layout, BLAS or device. Its outputs select the
-probability tables of `y`, so encoder and decoder agree bit for bit.
+probability tables of `y`, so encoder and decoder agree bit for bit. A channel-context model's context
+networks (`models.ChannelContextHyperprior`) are converted the same way (`IntegerConvNet`), from
+fixed-point inputs.
 """
 
 from __future__ import annotations
