@@ -110,7 +110,7 @@ def model_from_arrays(config: dict, arrays: dict) -> CodecModel:
     s = 0
     while f"int_ctx{s}.0.meta" in arrays:  # a channel-context model's context networks
         net = IntegerConvNet(IntegerConvNet.layers_from_state(arrays, f"int_ctx{s}"), ACT_FRACTION)
-        state.update(net.float_state(f"ctx.{s}", IntegerHyperSynthesis.conv_positions))
+        state.update(net.float_state(f"ctx.{s}", (0, 2, 4)))  # conv, ReLU, conv, ReLU, conv
         s += 1
     model.load_state_dict(state)
     return model.eval()

@@ -233,14 +233,13 @@ class Trainer:
     def _param_groups(self) -> list[dict]:
         """One group; a channel-context model's context networks in a second one at
         CONTEXT_LR_FACTOR × the learning rate: they start from zero beside transforms that are
-        already trained, and at the transforms' rate they barely moved in 430 steps."""
-        params = dict(self.model.named_parameters())
+        already trained (at the transforms' rate, 430 steps moved the bits by 0.01 %)."""
         main = self.model.main_parameters()
-        context = [p for name, p in params.items() if name.startswith("ctx.") and not name.endswith("quantiles")]
+        context = {id(p) for name, p in self.model.named_parameters() if name.startswith("ctx.")}
         if not context:
             return [{"params": main}]
-        ids = {id(p) for p in context}
-        return [{"params": [p for p in main if id(p) not in ids]}, {"params": context, "lr_scale": CONTEXT_LR_FACTOR}]
+        return [{"params": [p for p in main if id(p) not in context]},
+                {"params": [p for p in main if id(p) in context], "lr_scale": CONTEXT_LR_FACTOR}]
 
     # -- weight averaging ----------------------------------------------------------------------
     def _new_ema(self) -> torch.nn.Module:
