@@ -14,6 +14,7 @@ from nicd.codec.api import Codec, pick_device
 from nicd.codec.imageio import load_image
 from nicd.codec.models import LAMBDAS_MSE, build_model
 from nicd.errors import ConfigError
+from nicd.train.cards import training_source
 from nicd.train.export import export_checkpoint
 from nicd.train.ladder import parse_ladder, relabel_gains
 from nicd.train.loop import Trainer, rd_loss
@@ -95,7 +96,12 @@ def test_a_run_trains_its_ladder_and_the_export_carries_it(small_train, tmp_path
     # an alias is recorded as the model it named then: the alias moves on with the next export
     shipped = Trainer(opts(tmp_path / "shipped", small_train, steps=0, n=96, m=144))
     shipped.init_from("default")
-    assert shipped.opts.extra["init_from"]["model"] == registry.resolve("default").stem != "default"
+    origin = shipped.opts.extra["init_from"]
+    assert origin["model"] == registry.resolve("default").stem != "default"
+    # the source's own training stays in the chain after its card leaves models/
+    source_card = json.loads(registry.resolve("default").with_suffix(".json").read_text())["training"]
+    assert origin["steps"] == source_card["steps"] > 0 and origin["from"] == source_card["init_from"]
+    assert f"({source_card['steps']:,} steps, " in training_source(origin)
     # and the export codes real bitstreams
     codec = Codec(*registry.load(str(info.path)), pick_device("cpu"))
     image = load_image(next(small_train.glob("*.png")))

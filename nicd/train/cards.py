@@ -25,6 +25,9 @@ def training_source(origin: dict) -> str:
         text = f"a {origin['step']:,}-step checkpoint ({origin['wall_seconds'] / 3600:.1f} h{where}) of `{run}`"
     else:
         text = f"model `{origin.get('model')}`"
+        if origin.get("steps"):
+            where = f" on {origin['device']}" if origin.get("device", "cpu") != "cpu" else ""
+            text += f" ({origin['steps']:,} steps, {origin.get('wall_seconds', 0) / 3600:.1f} h{where})"
     if origin.get("ladder_from"):
         text += f", its gains moved from the ladder λ = {_ladder(origin['ladder_from'])} (`nicd.train.ladder`)"
     if origin.get("widened_from_m"):

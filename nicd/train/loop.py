@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import csv
 import io
+import json
 import math
 import platform
 import random
@@ -296,7 +297,16 @@ class Trainer:
             start = registry.load_float_model(source)
             config, state = start.config(), start.state_dict()
             # the model's own name: an alias such as "default" moves on with the next export
-            origin = {"model": registry.resolve(source).stem}
+            path = registry.resolve(source)
+            origin = {"model": path.stem}
+            # The source's card leaves models/ at the next export: keep its training in the chain.
+            card = path.with_suffix(".json")
+            trained = json.loads(card.read_text()).get("training", {}) if card.exists() else {}
+            for key in ("steps", "wall_seconds", "device"):
+                if key in trained:
+                    origin[key] = trained[key]
+            if trained.get("init_from"):
+                origin["from"] = trained["init_from"]
         if widen:
             from .widen import widen_state
 
