@@ -19,14 +19,13 @@ def _ladder(values: list[float]) -> str:
 
 def training_source(origin: dict) -> str:
     """'a 12,000-step checkpoint (0.4 h on cuda) of `gpu-mse`, itself fine-tuned from …'."""
+    where = f" on {origin['device']}" if origin.get("device", "cpu") != "cpu" else ""
     if "checkpoint" in origin:
         run = origin.get("run") or Path(origin["checkpoint"]).parent.name
-        where = f" on {origin['device']}" if origin.get("device", "cpu") != "cpu" else ""
         text = f"a {origin['step']:,}-step checkpoint ({origin['wall_seconds'] / 3600:.1f} h{where}) of `{run}`"
     else:
         text = f"model `{origin.get('model')}`"
-        if origin.get("steps"):
-            where = f" on {origin['device']}" if origin.get("device", "cpu") != "cpu" else ""
+        if origin.get("steps"):  # cards exported before this was recorded lack it
             text += f" ({origin['steps']:,} steps, {origin.get('wall_seconds', 0) / 3600:.1f} h{where})"
     if origin.get("ladder_from"):
         text += f", its gains moved from the ladder λ = {_ladder(origin['ladder_from'])} (`nicd.train.ladder`)"
