@@ -55,8 +55,13 @@ class ModelInfo:
 
     @property
     def card(self) -> dict:
-        card = self.path.with_suffix(".json") if self.path is not None else None
-        return json.loads(card.read_text()) if card is not None and card.exists() else {}
+        return read_card(self.path) if self.path is not None else {}
+
+
+def read_card(model_path: Path) -> dict:
+    """The model card (`<id>.json`) beside a model file; {} where there is none."""
+    card = model_path.with_suffix(".json")
+    return json.loads(card.read_text()) if card.exists() else {}
 
 
 def _sha256(path: Path) -> str:

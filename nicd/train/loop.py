@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import math
 import platform
 import random
@@ -146,14 +145,11 @@ def slim_start(source: str) -> dict:
     shipped model (name, alias or .npz), whose card supplies the step count and its own origin."""
     if source.endswith(".pt"):
         return slim_checkpoint(torch.load(source, map_location="cpu", weights_only=False))
-    import json
-
     from ..codec import registry
 
     path = registry.resolve(source)
     model = registry.load_float_model(source)
-    card_path = path.with_suffix(".json")
-    training = json.loads(card_path.read_text()).get("training", {}) if card_path.exists() else {}
+    training = registry.read_card(path).get("training", {})
     extra = {"init_from": training["init_from"]} if training.get("init_from") else {}
     return slim_checkpoint({
         "options": {"run_dir": path.stem, "metric": training.get("metric", "mse"), "extra": extra},
@@ -300,8 +296,7 @@ class Trainer:
             path = registry.resolve(source)
             origin = {"model": path.stem}
             # The source's card leaves models/ at the next export: keep its training in the chain.
-            card = path.with_suffix(".json")
-            trained = json.loads(card.read_text()).get("training", {}) if card.exists() else {}
+            trained = registry.read_card(path).get("training", {})
             for key in ("steps", "wall_seconds", "device"):
                 if key in trained:
                     origin[key] = trained[key]
