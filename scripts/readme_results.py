@@ -4,6 +4,7 @@ there is one a rerun of the quoted command reproduces.
     nicd bench --images ../shared/data/kodak --out bench-out --update-card
     nicd bench --images ../shared/data/kodak --model ms-ssim --out bench-out-ms-ssim --update-card
     python scripts/readme_results.py bench-out bench-out-ms-ssim
+    (or, where the MS-SSIM model was not benched again: ... bench-out msh-96-144-msssim-e1501092)
     cp bench-out/rd.png docs/kodak-rd.png; cp bench-out-ms-ssim/rd.png docs/kodak-rd-ms-ssim.png
 """
 
@@ -105,9 +106,21 @@ baselines: BD-rate at equal MS-SSIM {pct(m['bd_rate_ms_ssim_vs_jpeg'])} against 
     return text + "\n"
 
 
+def measured(source: str) -> dict:
+    """A bench folder's summary.json, or, for a model that was not benched again (its weights are
+    those its card measured), the card's `kodak` section in the same shape."""
+    summary = Path(source) / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text())
+    model = ROOT / "models" / f"{source}.json"
+    if not model.exists():
+        sys.exit(f"readme_results: {source} is neither a bench folder nor a model in models/")
+    return {"model_id": source, "codecs": {"nicd": card(source)["kodak"]}}
+
+
 def main() -> None:
-    mse = json.loads((Path(sys.argv[1]) / "summary.json").read_text())
-    msssim = json.loads((Path(sys.argv[2]) / "summary.json").read_text()) if len(sys.argv) > 2 else None
+    mse = measured(sys.argv[1])
+    msssim = measured(sys.argv[2]) if len(sys.argv) > 2 else None
     readme = (ROOT / "README.md").read_text()
     start, end = readme.index("## Where the codec stands"), readme.index("## The service")
     (ROOT / "README.md").write_text(readme[:start] + section(mse, msssim) + readme[end:])
