@@ -317,7 +317,13 @@ def test_every_shipped_model_has_golden_hashes():
 
 @pytest.mark.parametrize("model_id", SHIPPED_MODELS)
 def test_golden_bitstreams(model_id):
-    """Bitstream and decoded-pixel hashes of each shipped model on fixed inputs.
+    """Bitstream hashes of each shipped model on fixed inputs, and what the decoded pixels measure.
+
+    The bitstream is exact on any machine (float64 analysis, integer h_s and tables). The decoded
+    pixels come from the float32 synthesis, whose sums oneDNN orders by the CPU's ISA and caches: on
+    one machine (AMX) 1 of a model's 4 decodes differed from the hash another machine recorded. So the
+    pixels are pinned by their PSNR against the input and their channel means, which a flipped
+    rounding or two does not move (~1e-4 dB) and any real change of the synthesis does.
 
     Regenerate only on purpose (a new model or format version): NICD_REGENERATE_EXPECTED=1."""
     codec = load_codec(model_id, "cpu")
@@ -327,11 +333,14 @@ def test_golden_bitstreams(model_id):
     torch.set_num_threads(1)  # decoded pixels come from float convolutions, whose sums depend on threads
     try:
         for name, make in GOLDEN_FIXTURES.items():
+            source = np.ascontiguousarray(make())
             for q in (1, 8):
-                res = codec.encode(load_image(Image.fromarray(np.ascontiguousarray(make()))), quality=q)
+                res = codec.encode(load_image(Image.fromarray(source)), quality=q)
+                decoded = codec.decode_rgb(res.data)
                 got[f"{name}-q{q}"] = {
                     "bitstream": hashlib.sha256(res.data).hexdigest(),
-                    "decoded": hashlib.sha256(codec.decode_rgb(res.data).tobytes()).hexdigest(),
+                    "psnr": round(_psnr(decoded, source), 4),
+                    "channel_means": [round(float(m), 4) for m in decoded.reshape(-1, 3).mean(axis=0)],
                 }
     finally:
         torch.set_num_threads(threads)
@@ -340,8 +349,9 @@ def test_golden_bitstreams(model_id):
     assert path.exists(), f"no golden hashes for {codec.model_id}: run with NICD_REGENERATE_EXPECTED=1 once, on purpose"
     expected = json.loads(path.read_text())
     assert {k: v["bitstream"] for k, v in got.items()} == {k: v["bitstream"] for k, v in expected.items()}
-    # Decoded pixels come from the float synthesis: equal on this machine's CPU path.
-    assert {k: v["decoded"] for k, v in got.items()} == {k: v["decoded"] for k, v in expected.items()}
+    for key, want in expected.items():
+        assert got[key]["psnr"] == pytest.approx(want["psnr"], abs=0.01), key
+        assert got[key]["channel_means"] == pytest.approx(want["channel_means"], abs=0.01), key
 
 
 def test_nearest_scale_tables_save_bits_and_change_no_pixel(tmp_path):
