@@ -112,8 +112,7 @@ def measured(source: str) -> dict:
     summary = Path(source) / "summary.json"
     if summary.exists():
         return json.loads(summary.read_text())
-    model = ROOT / "models" / f"{source}.json"
-    if not model.exists():
+    if not (ROOT / "models" / f"{source}.json").exists():
         sys.exit(f"readme_results: {source} is neither a bench folder nor a model in models/")
     return {"model_id": source, "codecs": {"nicd": card(source)["kodak"]}}
 
