@@ -19,7 +19,7 @@ from nicd.train.export import export_checkpoint
 from nicd.train.ladder import parse_ladder, relabel_gains
 from nicd.train.loop import Trainer, rd_loss
 
-from test_train import opts
+from test_train import opts, shipped_architecture
 
 # the ladder the shipped default moves onto: 0.0008 … 0.18, geometric
 WIDE = tuple(round(0.0008 * (0.18 / 0.0008) ** (i / 7), 6) for i in range(8))
@@ -94,7 +94,7 @@ def test_a_run_trains_its_ladder_and_the_export_carries_it(small_train, tmp_path
     assert follow.model.lambdas == WIDE and "ladder_from" not in follow.opts.extra["init_from"]
     assert follow.opts.extra["init_from"]["model"] == info.model_id
     # an alias is recorded as the model it named then: the alias moves on with the next export
-    shipped = Trainer(opts(tmp_path / "shipped", small_train, steps=0, n=96, m=144))
+    shipped = Trainer(opts(tmp_path / "shipped", small_train, steps=0, **shipped_architecture("default")))
     shipped.init_from("default")
     origin = shipped.opts.extra["init_from"]
     assert origin["model"] == registry.resolve("default").stem != "default"

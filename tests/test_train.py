@@ -28,6 +28,13 @@ def opts(run_dir: Path, data: Path, **kw) -> TrainOptions:
     return TrainOptions(**base)
 
 
+def shipped_architecture(name: str) -> dict:
+    """n, m and h of a shipped model, so that a run built to receive its weights follows the model
+    when the default is replaced by a wider one."""
+    config = registry.load_float_model(name).config()
+    return {k: config[k] for k in ("n", "m", "h") if k in config}
+
+
 def test_tiny_run_lowers_the_loss(small_train, tmp_path):
     trainer = Trainer(opts(tmp_path / "run", small_train, steps=60))
     losses = []
@@ -414,7 +421,7 @@ def test_a_run_starts_from_a_slim_copy_of_a_shipped_model(small_train, tmp_path)
     from nicd.train.loop import slim_start
 
     torch.save(slim_start("default"), tmp_path / "start.pt")
-    run = Trainer(opts(tmp_path / "run", small_train, n=96, m=144, steps=0))
+    run = Trainer(opts(tmp_path / "run", small_train, steps=0, **shipped_architecture("default")))
     run.init_from(str(tmp_path / "start.pt"))
     for k, v in registry.load_float_model("default").state_dict().items():
         assert torch.equal(v, run.model.state_dict()[k]), k  # shipped weights are float16 already: exact
