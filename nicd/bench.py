@@ -93,9 +93,14 @@ def mean_curve(rows: Iterable[Row], codec: str, key: str = "psnr") -> list[tuple
             for _, rs in sorted(by_setting.items())]
 
 
+REFINED = "nicd-refine"
+
+
 def run(images: list[tuple[str, np.ndarray]], codec, qualities: Iterable[int], baseline_codecs: Iterable[str],
-        on_row: Callable[[Row], None] | None = None) -> list[Row]:
-    """Measure every image at every setting. `codec` is a `nicd.codec.api.Codec`."""
+        on_row: Callable[[Row], None] | None = None, refine_steps: int = 0) -> list[Row]:
+    """Measure every image at every setting. `codec` is a `nicd.codec.api.Codec`. With `refine_steps`,
+    nicd is measured twice: as it encodes by default ("nicd") and with that many steps of latent
+    refinement (`REFINED`), so that what refinement buys is a ratio from one run."""
     from .codec.imageio import load_image
 
     rows: list[Row] = []
@@ -108,11 +113,12 @@ def run(images: list[tuple[str, np.ndarray]], codec, qualities: Iterable[int], b
     for name, rgb in images:
         h, w = rgb.shape[:2]
         prepared = load_image_from_array(rgb, load_image)
-        for res in codec.encode_levels(prepared, list(qualities)):
-            # decode_seconds: the encoder's own verifying decode of the written bytes (parse, entropy
-            # decoding, synthesis on the CPU), which is exactly what `nicd decode` does before saving
-            add(Row("nicd", res.quality, name, w, h, len(res.data), res.bpp, res.psnr, res.ssim, res.ms_ssim,
-                    res.encode_seconds, res.decode_seconds))
+        for label, steps in [("nicd", 0)] + ([(REFINED, refine_steps)] if refine_steps else []):
+            for res in codec.encode_levels(prepared, list(qualities), refine_steps=steps):
+                # decode_seconds: the encoder's own verifying decode of the written bytes (parse, entropy
+                # decoding, synthesis on the CPU), which is exactly what `nicd decode` does before saving
+                add(Row(label, res.quality, name, w, h, len(res.data), res.bpp, res.psnr, res.ssim, res.ms_ssim,
+                        res.encode_seconds, res.decode_seconds))
         for name_b in baseline_codecs:
             for q in BASELINE_QUALITIES[name_b]:
                 t0 = time.perf_counter()

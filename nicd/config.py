@@ -85,14 +85,18 @@ class CodecConfig:
     target_psnr: float | None = None
     device: str = "auto"
     batch_megapixels: float = 32.0
+    refine_steps: int = 0
 
     def encode_kwargs(self) -> dict[str, Any]:
-        """The rate setting to pass to ``Codec.encode``: exactly one of quality / target_ssim / target_psnr."""
+        """What to pass to ``Codec.encode``: exactly one of quality / target_ssim / target_psnr, and
+        the refinement steps."""
         if self.target_ssim is not None:
-            return {"target_ssim": self.target_ssim}
-        if self.target_psnr is not None:
-            return {"target_psnr": self.target_psnr}
-        return {"quality": self.quality}
+            rate = {"target_ssim": self.target_ssim}
+        elif self.target_psnr is not None:
+            rate = {"target_psnr": self.target_psnr}
+        else:
+            rate = {"quality": self.quality}
+        return {**rate, "refine_steps": self.refine_steps}
 
 
 @dataclass(frozen=True)
@@ -240,6 +244,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "target_psnr": _number(0.0, 100.0, lo_open=True),
         "device": _device,
         "batch_megapixels": _number(0.0, 4096.0, lo_open=True),
+        "refine_steps": _number(0, 1000, integer=True),
     },
     "originals": {"policy": _choice(POLICIES)},
 }

@@ -26,7 +26,7 @@ def test_embedded_defaults(env, tmp_path):
     assert cfg.watch.include == DEFAULT_INCLUDE
     assert (cfg.watch.settle_seconds, cfg.watch.rescan_minutes) == (5.0, 30.0)
     assert (cfg.codec.model, cfg.codec.quality, cfg.codec.device, cfg.codec.batch_megapixels) == ("default", 6, "auto", 32.0)
-    assert cfg.codec.encode_kwargs() == {"quality": 6}
+    assert cfg.codec.encode_kwargs() == {"quality": 6, "refine_steps": 0}
     assert cfg.originals.policy == "keep"
 
 
@@ -72,6 +72,9 @@ def test_named_file_must_exist(env, tmp_path, which):
         ("[codec]\ntarget_psnr = -3\n", "codec.target_psnr"),
         ('[codec]\ndevice = "tpu"\n', "codec.device"),
         ("[codec]\nbatch_megapixels = 0\n", "codec.batch_megapixels"),
+        ("[codec]\nrefine_steps = -1\n", "codec.refine_steps"),
+        ("[codec]\nrefine_steps = 1001\n", "codec.refine_steps"),
+        ("[codec]\nrefine_steps = 2.5\n", "codec.refine_steps"),
         ('[codec]\nmodel = ""\n', "codec.model"),
         ("[codec]\nquality = 5\ntarget_ssim = 0.9\n", "codec.target_ssim"),
         ('[originals]\npolicy = "move"\n', "originals.policy"),
@@ -121,9 +124,9 @@ def test_urls_pass_through(env, tmp_path):
 def test_target_replaces_quality(env):
     cfg = parse_config({"codec": {"target_ssim": 0.97}}, env=env)
     assert cfg.codec.quality is None
-    assert cfg.codec.encode_kwargs() == {"target_ssim": 0.97}
-    cfg = parse_config({"codec": {"target_psnr": 38}}, env=env)
-    assert cfg.codec.encode_kwargs() == {"target_psnr": 38.0}
+    assert cfg.codec.encode_kwargs() == {"target_ssim": 0.97, "refine_steps": 0}
+    cfg = parse_config({"codec": {"target_psnr": 38, "refine_steps": 30}}, env=env)
+    assert cfg.codec.encode_kwargs() == {"target_psnr": 38.0, "refine_steps": 30}
 
 
 def test_database_inside_a_root_is_refused(env, tmp_path):

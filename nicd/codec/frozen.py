@@ -126,10 +126,12 @@ class FrozenModel:
         return g_s(y).clamp_(0, 1).cpu()
 
     # -- entropy coding ------------------------------------------------------------------------
-    def code(self, y_base: np.ndarray, quality: int) -> CodedLatents:
+    def code(self, y_base: np.ndarray, quality: int, z: np.ndarray | None = None) -> CodedLatents:
+        """Code y (before gain). `z`: the hyper-latent to code instead of h_a(y), where an encoder
+        has optimised it (`nicd.codec.refine`); the decoder cannot tell."""
         y = y_base * self.gain[quality - 1][:, None, None]
         if self.hyper:
-            return self._code_hyper(y)
+            return self._code_hyper(y, z)
         return self._code_factorized(y)
 
     def decode(self, streams: tuple[bytes, ...], latent_hw: tuple[int, int], quality: int, crc: int) -> np.ndarray:
@@ -186,9 +188,10 @@ class FrozenModel:
             scales_fp, means_fp = scales_fp + delta[:c], means_fp + delta[c:]
         return self.int_h_s.scale_index(scales_fp), means_fp
 
-    def _code_hyper(self, y: np.ndarray) -> CodedLatents:
-        with torch.no_grad():
-            z = self.h_a64(torch.from_numpy(y)[None]).numpy()[0]
+    def _code_hyper(self, y: np.ndarray, z: np.ndarray | None = None) -> CodedLatents:
+        if z is None:
+            with torch.no_grad():
+                z = self.h_a64(torch.from_numpy(y)[None]).numpy()[0]
         z_int = np.clip(np.round(z), -Z_LIMIT, Z_LIMIT).astype(np.int64)
         hyper = self.int_h_s.raw(z_int[None])
         encoder = entropy.new_encoder()
