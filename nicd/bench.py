@@ -24,6 +24,7 @@ BASELINE_QUALITIES = {
     "avif": (10, 20, 30, 40, 50, 60, 70, 80, 90, 95),
 }
 SSIM_TARGET = 0.97
+REFINED = "nicd-refine"  # nicd measured with `--refine-steps` (`run`)
 
 
 @dataclass
@@ -84,6 +85,11 @@ def rate_ratios(anchor: list[tuple[float, float]], test: list[tuple[float, float
     return [float(r / np.exp(f(v)) - 1) if q[0] <= v <= q[-1] and r > 0 else None for r, v in test]
 
 
+def codec_order(codec: str) -> tuple:
+    """nicd first, then nicd with refinement, then the baselines by name."""
+    return (codec != "nicd", codec != REFINED, codec)
+
+
 def mean_curve(rows: Iterable[Row], codec: str, key: str = "psnr") -> list[tuple[float, float]]:
     by_setting: dict[int, list[Row]] = {}
     for r in rows:
@@ -91,9 +97,6 @@ def mean_curve(rows: Iterable[Row], codec: str, key: str = "psnr") -> list[tuple
             by_setting.setdefault(r.setting, []).append(r)
     return [(float(np.mean([r.bpp for r in rs])), float(np.mean([getattr(r, key) for r in rs])))
             for _, rs in sorted(by_setting.items())]
-
-
-REFINED = "nicd-refine"
 
 
 def run(images: list[tuple[str, np.ndarray]], codec, qualities: Iterable[int], baseline_codecs: Iterable[str],
@@ -156,7 +159,7 @@ def ms_ssim_db(value: float) -> float:
 
 
 def summary(rows: list[Row]) -> dict:
-    codecs = sorted({r.codec for r in rows}, key=lambda c: (c != "nicd", c))
+    codecs = sorted({r.codec for r in rows}, key=codec_order)
     curves = {c: mean_curve(rows, c) for c in codecs}
     ms_curves = {c: mean_curve([r for r in rows if r.ms_ssim is not None], c, "ms_ssim") for c in codecs}
     ms_db = {c: [(b, ms_ssim_db(m)) for b, m in ms_curves[c]] for c in codecs}
@@ -196,7 +199,7 @@ def plot(rows: list[Row], path: Path, title: str = "Kodak") -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for c in sorted({r.codec for r in rows}, key=lambda c: (c != "nicd", c)):
+    for c in sorted({r.codec for r in rows}, key=codec_order):
         psnr_curve = mean_curve(rows, c)
         ms_curve = mean_curve([r for r in rows if r.ms_ssim is not None], c, "ms_ssim")
         style = dict(marker="o", lw=2.5 if c == "nicd" else 1.5, label=c)

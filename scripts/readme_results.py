@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nicd.bench import REFINED, codec_order  # noqa: E402
 from nicd.train.cards import patch_schedule, training_source  # noqa: E402
 
 
@@ -26,8 +27,8 @@ def pct(v) -> str:
 
 def codec_table(summary: dict, label: str) -> str:
     rows = []
-    for codec, v in summary["codecs"].items():
-        name = label if codec == "nicd" else codec
+    for codec, v in sorted(summary["codecs"].items(), key=lambda item: codec_order(item[0])):
+        name = {"nicd": label, REFINED: f"{label}, `--refine-steps {summary.get('refine_steps')}`"}.get(codec, codec)
         curve = " ".join(f"{p['bpp']:.2f}:{p['psnr']:.1f}" for p in v["curve"])
         never = v["images_never_reaching_ssim_0.97"]
         reach = "none reaches it" if never == summary["count"] else (
@@ -57,15 +58,27 @@ def card(model_id: str) -> dict:
     return json.loads((ROOT / "models" / f"{model_id}.json").read_text())
 
 
-def along_the_curve(summary: dict) -> str:
+def along_the_curve(summary: dict, codec: str = "nicd") -> str:
     """Where the BD-rate comes from: each quality's bits against JPEG's at the same PSNR."""
-    nicd = summary["codecs"]["nicd"]
-    ratios = nicd.get("rate_vs_jpeg")
+    ratios = summary["codecs"][codec].get("rate_vs_jpeg")
     if not ratios:
         return ""
-    points = ", ".join(f"q{q} {pct(r)}" for q, r in enumerate(ratios, start=1))
+    return ", ".join(f"q{q} {pct(r)}" for q, r in enumerate(ratios, start=1))
+
+
+def refinement(summary: dict) -> str:
+    """The paragraph on `--refine-steps`, where the bench measured it."""
+    r = summary["codecs"].get(REFINED)
+    if not r:
+        return ""
+    plain = summary["codecs"]["nicd"]
     return f"""
-Bits against JPEG's at the same PSNR, quality by quality (same run): {points}.
+**With latent refinement** (`nicd encode --refine-steps {summary['refine_steps']}`, measured as `nicd-refine` in the
+same run by `nicd bench --refine-steps {summary['refine_steps']}`): the encoder optimises each image's latent for the
+decoder it has (stochastic Gumbel annealing, Yang et al. 2020; `docs/refinement.md`), and the files decode with the
+same decoder. BD-rate against JPEG **{pct(r['bd_rate_vs_jpeg'])}** (plain encoder {pct(plain['bd_rate_vs_jpeg'])}), against
+AVIF {pct(r['bd_rate_vs_avif'])}; bits against JPEG's at the same PSNR: {along_the_curve(summary, REFINED)}. The price is
+encoding time: {r['encode_mpix_per_s']:.3f} MP/s instead of {plain['encode_mpix_per_s']:.2f}.
 """
 
 
@@ -73,9 +86,11 @@ def section(mse: dict, msssim: dict | None) -> str:
     c = card(mse["model_id"])
     hours = c["training"]["wall_seconds"] / 3600
     bd = mse["codecs"]["nicd"]["bd_rate_vs_jpeg"]
+    points = along_the_curve(mse)
+    curve_line = f"\nBits against JPEG's at the same PSNR, quality by quality (same run): {points}.\n" if points else ""
     text = f"""## Where the codec stands (measured)
 
-`nicd bench --images ../shared/data/kodak --update-card` on the {mse['count']} Kodak images, every codec in the
+`nicd bench --images ../shared/data/kodak --update-card{f" --refine-steps {mse['refine_steps']}" if mse.get('refine_steps') else ""}` on the {mse['count']} Kodak images, every codec in the
 same run on this 2-core CPU machine ({threads(mse)}; PSNR on
 8-bit RGB; BD-rate at equal PSNR, or at equal MS-SSIM in dB, negative = fewer bits):
 
@@ -87,7 +102,7 @@ The default model (`models/{mse['model_id']}.md`) has had {patch_schedule(c["tra
 {hours:.1f} h of training){start(c["training"])}; fully trained models of this family reach −58 % against JPEG, so it is still far from
 what its architecture can do: **today it needs {1 + bd:.2f}× JPEG's bits at equal PSNR**, and training
 goes on (`docs/training.md`). The baselines reproduce `shared/design/baselines.md`.
-{along_the_curve(mse)}"""
+{curve_line}{refinement(mse)}"""
     if msssim:
         m = msssim["codecs"]["nicd"]
         mc = card(msssim["model_id"])

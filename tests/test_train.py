@@ -266,6 +266,16 @@ def test_a_change_of_patch_size_on_resumption_is_recorded_in_the_card(small_trai
     table = info.path.with_suffix(".md").read_text()
     assert "| 1 | 0.300 | 28.00 |  | -25.0 % |" in table and "| 2 | 1.600 | 35.00 |  | n/a |" in table
     assert "2 steps of 4×64² patches, then 4 of 1×128², then 1 of 1×128² in bfloat16" in info.path.with_suffix(".md").read_text()
+    # a run with --refine-steps: the refined figures are the card's own section, not a baseline
+    summary.update(refine_steps=40)
+    summary["codecs"]["nicd-refine"] = {**summary["codecs"]["nicd"], "curve": [{"bpp": 0.28, "psnr": 28.2}],
+                                        "rate_vs_jpeg": [-0.3], "bd_rate_vs_jpeg": -0.3, "encode_mpix_per_s": 0.02}
+    write_card(info.path, summary, "nicd bench --refine-steps 40")
+    card = json.loads(info.path.with_suffix(".json").read_text())
+    assert card["kodak"]["refined"]["refine_steps"] == 40 and card["kodak"]["refined"]["bd_rate_vs_jpeg"] == -0.3
+    assert "nicd-refine" not in card["kodak"]["baselines"]
+    text = info.path.with_suffix(".md").read_text()
+    assert "`nicd encode --refine-steps 40`" in text and "| 1 | 0.280 | 28.20 | -30.0 % |" in text
 
     # A checkpoint written before the record existed: its saved setting is taken as the one from step 0.
     ckpt_path = tmp_path / "run" / "checkpoint.pt"

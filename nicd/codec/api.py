@@ -105,7 +105,7 @@ class Codec:
         """Encode many images; tiles of equal shape share device batches. Errors are returned per image.
 
         `refine_steps`: steps of encoder-side latent refinement (`nicd.codec.refine`) per tile and
-        quality tried; 0 codes the analysis transform's latents as they are. Costs ~0.5 s a step per
+        quality tried; 0 codes the analysis transform's latents as they are. Costs ~0.3 s a step per
         0.4 MP on two CPU cores; the decoder is the same either way."""
         choose = _target_rule(quality, target_ssim, target_psnr)
         check_refine_steps(refine_steps)
