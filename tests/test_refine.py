@@ -112,3 +112,29 @@ def test_bench_measures_refined_and_plain_side_by_side():
     refined = [r for r in rows if r.codec == bench.REFINED]
     assert len(plain) == len(refined) == 1 and plain[0].bytes != refined[0].bytes
     assert set(bench.summary(rows)["codecs"]) == {"nicd", bench.REFINED, "jpeg"}
+
+
+def test_the_daemon_refines_when_the_config_asks(tmp_path):
+    """`nicd scan` (the daemon's queue, batches and store) with `codec.refine_steps`: the stored
+    bitstream is a refined one, cheaper in R + λ·D than the plain encoder's."""
+    import sqlite3
+
+    from conftest import run_nicd, write_config
+
+    rgb = np.ascontiguousarray(crop(19, (200, 300, 392, 428)))
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.fromarray(rgb).save(pics / "a.png")
+    cfg = write_config(tmp_path / "c.toml", database=tmp_path / "db" / "nicd.db")
+    cfg.write_text(cfg.read_text().replace('[codec]\n', '[codec]\nquality = 7\nrefine_steps = 8\n'))
+    r = run_nicd("scan", pics, "--config", cfg, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["done"] == 1
+    con = sqlite3.connect(str(tmp_path / "db" / "nicd.db"))
+    stored, quality = con.execute("SELECT data, quality FROM bitstreams").fetchone()
+    con.close()
+    codec = load_codec("default", "cpu")
+    plain = codec.encode(load_image(Image.fromarray(rgb)), quality=7)
+    assert quality == 7 and stored != plain.data
+    stored_result = type(plain)(**{**plain.__dict__, "data": stored})
+    assert rd_cost(codec, rgb, stored_result) < rd_cost(codec, rgb, plain)
