@@ -113,6 +113,17 @@ def test_pack_fits_budget(small_train, tmp_path):
         assert sorted(f.files) != [f"img{i:05d}" for i in range(stats["images"])]
 
 
+def test_the_pack_budget_is_an_option_of_the_command(small_train, tmp_path):
+    from typer.testing import CliRunner
+
+    from nicd.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--data", str(small_train), "--pack", str(tmp_path / "p.npz"),
+                                 "--pack-side", "96", "--pack-max-mb", "0.1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["bytes"] == (tmp_path / "p.npz").stat().st_size <= 100_000
+
+
 def test_a_centre_pack_holds_the_exact_pixels_validation_measures(small_train, tmp_path):
     pack_folder(small_train, tmp_path / "val.npz", side=96, centre=True)
     packed = load_images(tmp_path / "val.npz", 64)

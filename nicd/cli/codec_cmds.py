@@ -291,6 +291,7 @@ def train(
     pack_count: Optional[int] = typer.Option(None, "--pack-count", min=1, help="Pack only the first N images by name."),
     pack_side: int = typer.Option(320, "--pack-side", min=64, help="Side of the crops in a pack."),
     pack_centre: bool = typer.Option(False, "--pack-centre", help="Pack centre crops (a validation pack: --pack-side 256 --pack-count 12 holds what validation measures)."),
+    pack_max_mb: float = typer.Option(40.0, "--pack-max-mb", min=0.1, help="Size budget of a pack in MB (10^6 bytes); crops over it are dropped at random."),
     slim_copy: Optional[Path] = typer.Option(None, "--slim-copy", help="At every checkpoint also write the float16 weights that would ship here (~8 MB; for bringing a GPU run back)."),
 ) -> None:
     """Train (or resume) a model; checkpoints every few minutes and on SIGTERM; CSV learning curve.
@@ -302,7 +303,8 @@ def train(
 
     try:
         if pack is not None:
-            print_json(pack_folder(data, pack, side=pack_side, centre=pack_centre, count=pack_count))
+            print_json(pack_folder(data, pack, max_bytes=int(pack_max_mb * 1e6), side=pack_side, centre=pack_centre,
+                                   count=pack_count))
             return
         from ..train.ladder import parse_ladder
 
