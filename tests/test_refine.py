@@ -131,10 +131,41 @@ def test_the_daemon_refines_when_the_config_asks(tmp_path):
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["done"] == 1
     con = sqlite3.connect(str(tmp_path / "db" / "nicd.db"))
-    stored, quality = con.execute("SELECT data, quality FROM bitstreams").fetchone()
+    stored, quality, steps = con.execute("SELECT data, quality, refine_steps FROM bitstreams").fetchone()
     con.close()
     codec = load_codec("default", "cpu")
     plain = codec.encode(load_image(Image.fromarray(rgb)), quality=7)
-    assert quality == 7 and stored != plain.data
+    assert (quality, steps) == (7, 8) and stored != plain.data
     stored_result = type(plain)(**{**plain.__dict__, "data": stored})
     assert rd_cost(codec, rgb, stored_result) < rd_cost(codec, rgb, plain)
+
+
+def test_an_archive_from_before_refinement_upgrades_with_its_bitstreams_unrefined(tmp_path):
+    """Migration 0003 adds bitstreams.refine_steps: rows written at 0002 keep their bytes, with NULL."""
+    import sqlite3
+
+    from conftest import image_bytes, run_nicd, write_config
+    from nicd.store import migrate
+    from nicd.store.engine import Store
+
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    (pics / "a.png").write_bytes(image_bytes(7))
+    db = tmp_path / "db" / "nicd.db"
+    cfg = write_config(tmp_path / "c.toml", database=db)
+    assert run_nicd("scan", pics, "--config", cfg).returncode == 0
+    store = Store(f"sqlite:///{db}")
+    try:
+        migrate.downgrade(store, "0002")
+    finally:
+        store.close()
+    con = sqlite3.connect(db)
+    before = con.execute("SELECT data FROM bitstreams").fetchone()[0]
+    assert "refine_steps" not in [c[1] for c in con.execute("PRAGMA table_info(bitstreams)")]
+    con.close()
+    r = run_nicd("db", "upgrade", "--config", cfg, "--json")
+    assert r.returncode == 0, r.stderr
+    assert (json.loads(r.stdout)["from"], json.loads(r.stdout)["to"]) == ("0002", "0003")
+    con = sqlite3.connect(db)
+    assert con.execute("SELECT data, refine_steps FROM bitstreams").fetchall() == [(before, None)]
+    con.close()

@@ -284,6 +284,7 @@ class Worker:
             "quality": res.quality,
             "target_ssim": codec_cfg.target_ssim,
             "target_psnr": codec_cfg.target_psnr,
+            "refine_steps": codec_cfg.refine_steps,
             "encode_seconds": res.encode_seconds,
             "decode_seconds": res.decode_seconds,
             "baseline_seconds": baseline_seconds,

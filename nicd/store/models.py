@@ -130,6 +130,7 @@ class Bitstream(Base):
     quality: Mapped[int | None] = mapped_column(Integer)
     target_ssim: Mapped[float | None] = mapped_column(Float)
     target_psnr: Mapped[float | None] = mapped_column(Float)
+    refine_steps: Mapped[int | None] = mapped_column(Integer)  # `codec.refine_steps`; NULL: before it existed
     encode_seconds: Mapped[float | None] = mapped_column(Float)
     decode_seconds: Mapped[float | None] = mapped_column(Float)
     baseline_seconds: Mapped[float | None] = mapped_column(Float)
