@@ -129,6 +129,13 @@ def test_models_lists_default():
     assert r.exit_code == 0, r.output
     rows = json.loads(r.stdout)
     assert any("default" in row["aliases"] for row in rows)
+    # the table says what each model measured against JPEG, refined too where its card has that
+    default = next(row for row in rows if "default" in row["aliases"])
+    r = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["models"])
+    assert r.exit_code == 0, r.output
+    assert f"{100 * default['kodak']['bd_rate_vs_jpeg']:+.1f} %" in r.stdout
+    refined = default["kodak"]["refined"]  # the shipped card was measured with --refine-steps
+    assert f"({100 * refined['bd_rate_vs_jpeg']:+.1f} % with --refine-steps {refined['refine_steps']})" in r.stdout
 
 
 def _file_size_limit(limit: int):

@@ -252,11 +252,21 @@ def models(as_json: bool = JSON_OPTION) -> None:
     if as_json:
         print_json(rows)
         return
-    stdout.print(table("shipped models", ["model", "aliases", "arch", "steps", "Kodak bpp:PSNR per quality"], [
+    def bd(kodak: dict) -> str:
+        """BD-rate against JPEG as measured, and with `--refine-steps` where the bench measured that."""
+        plain = kodak.get("bd_rate_vs_jpeg")
+        refined = kodak.get("refined") or {}
+        text = "" if plain is None else f"{100 * plain:+.1f} %"
+        if refined.get("bd_rate_vs_jpeg") is not None:
+            text += f" ({100 * refined['bd_rate_vs_jpeg']:+.1f} % with --refine-steps {refined.get('refine_steps')})"
+        return text
+
+    stdout.print(table("shipped models", ["model", "aliases", "arch", "steps", "Kodak bpp:PSNR per quality", "BD-rate vs JPEG"], [
         (r["model_id"], ",".join(r["aliases"]),
          (r["architecture"] or {}).get("kind", "?") + f" {(r['architecture'] or {}).get('n')}/{(r['architecture'] or {}).get('m')}",
          (r["training"] or {}).get("steps"),
-         " ".join(f"{p['bpp']:.2f}:{p['psnr']:.1f}" for p in (r["kodak"] or {}).get("curve", [])))
+         " ".join(f"{p['bpp']:.2f}:{p['psnr']:.1f}" for p in (r["kodak"] or {}).get("curve", [])),
+         bd(r["kodak"] or {}))
         for r in rows]))
 
 
