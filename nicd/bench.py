@@ -43,9 +43,12 @@ class Row:
     decode_seconds: float
 
 
-def bd_rate(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) -> float | None:
+def bd_rate(anchor: list[tuple[float, float]], test: list[tuple[float, float]],
+            quality_range: tuple[float, float] | None = None) -> float | None:
     """Average bit-rate difference (fraction; negative = fewer bits) of `test` against `anchor` at
-    equal quality; each curve is a list of (bpp, quality) points. None without an overlap."""
+    equal quality; each curve is a list of (bpp, quality) points. None without an overlap.
+    `quality_range`: integrate over only this part of the overlap (to compare two models over the
+    range they share, where one reaches higher)."""
     from scipy.interpolate import PchipInterpolator
 
     def prep(curve):
@@ -62,6 +65,8 @@ def bd_rate(anchor: list[tuple[float, float]], test: list[tuple[float, float]]) 
     if len(qa) < 2 or len(qt) < 2:
         return None
     lo, hi = max(qa.min(), qt.min()), min(qa.max(), qt.max())
+    if quality_range is not None:
+        lo, hi = max(lo, quality_range[0]), min(hi, quality_range[1])
     if hi <= lo:
         return None
     fa, ft = PchipInterpolator(qa, ra), PchipInterpolator(qt, rt)

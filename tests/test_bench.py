@@ -27,6 +27,30 @@ def test_bd_rate_of_a_scaled_curve():
     assert bench.bd_rate(anchor, [(1.0, 50.0), (2.0, 51.0)]) is None  # no overlap
 
 
+def test_bd_rate_over_a_chosen_range(tmp_path, capsys):
+    anchor = [(0.25, 28.0), (0.5, 31.0), (1.0, 34.5), (2.0, 38.0)]
+    half = [(r * 0.5, q) for r, q in anchor]
+    assert bench.bd_rate(anchor, half, (29.0, 33.0)) == pytest.approx(-0.5)
+    # half the bits at low quality, the same at high: the range decides what the average covers
+    top = anchor + [(4.0, 41.0)]
+    mixed = [(0.125, 28.0), (0.25, 31.0), (1.0, 34.5), (2.0, 38.0), (4.0, 41.0)]
+    assert bench.bd_rate(top, mixed, (28.0, 31.0)) == pytest.approx(-0.5, abs=0.03)
+    assert bench.bd_rate(top, mixed, (38.0, 41.0)) == pytest.approx(0.0, abs=1e-9)
+    assert -0.4 < bench.bd_rate(top, mixed) < -0.1
+    assert bench.bd_rate(anchor, half, (40.0, 50.0)) is None
+    # the script reads a bench CSV and prints the same figure
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bd_rate_range", Path(__file__).resolve().parents[1] / "benchmarks" / "bd_rate_range.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rows = [bench.Row(codec, i, "x", 1, 1, 1, r, q, 0.9, None, 0.0, 0.0)
+            for codec, curve in (("jpeg", anchor), ("nicd", half)) for i, (r, q) in enumerate(curve)]
+    bench.write_csv(rows, tmp_path / "b.csv")
+    script.main([str(tmp_path / "b.csv"), "--psnr", "29", "33"])
+    assert "nicd         BD-rate vs jpeg over 29–33 dB: -50.0 %" in capsys.readouterr().out
+
+
 def test_rate_ratios_say_where_along_the_curve_a_codec_gains():
     anchor = [(0.25, 28.0), (0.5, 31.0), (1.0, 34.5), (2.0, 38.0)]
     test = [(0.125, 28.0), (0.5, 31.0), (1.5, 34.5), (1.0, 40.0)]  # half, same, 1.5×, beyond the anchor
