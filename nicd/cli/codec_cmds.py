@@ -60,7 +60,7 @@ def encode(
     target_ssim: Optional[float] = typer.Option(None, "--target-ssim", help="Smallest bitstream whose SSIM reaches X."),
     target_psnr: Optional[float] = typer.Option(None, "--target-psnr", help="Smallest bitstream whose PSNR reaches X dB."),
     refine_steps: int = typer.Option(0, "--refine-steps", min=0, max=1000,
-                                     help="Optimise the latent for this image (40 steps: ~8 % fewer bits at equal PSNR, ~20x slower encoding)."),
+                                     help="Optimise the latent for this image (40 steps: ~8 % fewer bits at equal PSNR, ~17-20x slower encoding)."),
     model: str = MODEL_OPTION,
     device: str = DEVICE_OPTION,
     as_json: bool = JSON_OPTION,
