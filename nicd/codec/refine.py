@@ -30,7 +30,7 @@ from .models import LAMBDAS_MSE, LAMBDAS_MSSSIM
 
 # Adam on y in quantization-bin units, decaying linearly to 0. With 40 steps 0.06 lowered the coded
 # R + λ·D more than 0.02 at every quality measured, and more than 0.04 at all but q1, where the two
-# tied (benchmarks/refine_learning_rate.py, docs/refinement.md).
+# tie (benchmarks/refine_learning_rate.py, docs/refinement.md).
 LEARNING_RATE = 6e-2
 START_TEMPERATURE = 0.5  # Yang et al.'s upper bound on τ
 MS_SSIM_MIN_SIDE = 161  # pytorch_msssim's five scales need this many pixels per side
