@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from ..errors import FormatError, InputError, NicdError, VerificationError
-from . import container, metrics, refine, registry
+from . import container, metrics, refine, registry, rounding
 from .frozen import FrozenModel, latent_shape
 from .imageio import DEFAULT_MAX_PIXELS, SUPPORTED_MODES, PreparedImage, restore_image
 from .models import QUALITIES
@@ -172,7 +172,9 @@ class Codec:
             if refine_steps:
                 pixels = image.rgb[y0 : y0 + h, x0 : x0 + w]
                 y, z = refine.refine(self.frozen, pixels, y, q, refine_steps, self.info.config, self.device)
-            coded.append(self.frozen.code(y, q, z))
+            # A refined latent (z set) lies on its symbols already: coded as the search left it.
+            weight = rounding.weight_for(self.info.config, q) if z is None else None
+            coded.append(self.frozen.code(y, q, z, rounding_weight=weight))
         c = container.Container(
             model_id=self.model_id,
             model_hash=self.model_hash,

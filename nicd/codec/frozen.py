@@ -24,6 +24,7 @@ from .density import gaussian_likelihood
 from .intnet import ACT_FRACTION, ACT_LIMIT, IntegerConvNet, IntegerHyperSynthesis
 from .models import ChannelContextHyperprior, CodecModel, MeanScaleHyperprior
 from .tables import TableSet, factorized_tables, gaussian_tables, scale_table
+from .rounding import rate_aware_round
 
 Z_LIMIT = 1 << 15  # |z| clip: keeps the integer network inside its proven exact range
 Y_LIMIT = 1 << 24
@@ -126,12 +127,15 @@ class FrozenModel:
         return g_s(y).clamp_(0, 1).cpu()
 
     # -- entropy coding ------------------------------------------------------------------------
-    def code(self, y_base: np.ndarray, quality: int, z: np.ndarray | None = None) -> CodedLatents:
+    def code(self, y_base: np.ndarray, quality: int, z: np.ndarray | None = None,
+             rounding_weight: float | None = None) -> CodedLatents:
         """Code y (before gain). `z`: the hyper-latent to code instead of h_a(y), where an encoder
-        has optimised it (`nicd.codec.refine`); the decoder cannot tell."""
+        has optimised it (`nicd.codec.refine`); `rounding_weight`: round y − μ by rate as well as
+        distance (`nicd.codec.rounding`; hyperprior models), None for the nearest symbol. The
+        decoder cannot tell either."""
         y = y_base * self.gain[quality - 1][:, None, None]
         if self.hyper:
-            return self._code_hyper(y, z)
+            return self._code_hyper(y, z, rounding_weight)
         return self._code_factorized(y)
 
     def decode(self, streams: tuple[bytes, ...], latent_hw: tuple[int, int], quality: int, crc: int) -> np.ndarray:
@@ -188,7 +192,7 @@ class FrozenModel:
             scales_fp, means_fp = scales_fp + delta[:c], means_fp + delta[c:]
         return self.int_h_s.scale_index(scales_fp), means_fp
 
-    def _code_hyper(self, y: np.ndarray, z: np.ndarray | None = None) -> CodedLatents:
+    def _code_hyper(self, y: np.ndarray, z: np.ndarray | None, rounding_weight: float | None) -> CodedLatents:
         if z is None:
             with torch.no_grad():
                 z = self.h_a64(torch.from_numpy(y)[None]).numpy()[0]
@@ -205,7 +209,12 @@ class FrozenModel:
         for s, channels in enumerate(self._slices()):
             idx[channels], mean_fp = self._slice_params(s, hyper, y_hat_fp)
             mean[channels] = mean_fp / float(1 << ACT_FRACTION)
-            sym[channels] = np.clip(np.round(y[channels] - mean[channels]), -Y_LIMIT, Y_LIMIT)
+            r = y[channels] - mean[channels]
+            if rounding_weight is None:
+                k = np.round(r)
+            else:
+                k = rate_aware_round(r, self.scales[idx[channels]], rounding_weight)
+            sym[channels] = np.clip(k, -Y_LIMIT, Y_LIMIT)
             escaped.append(entropy.encode_grouped(encoder, sym[channels].ravel(), idx[channels].ravel(), self.y_models))
             y_hat_fp[channels] = sym[channels] * (1 << ACT_FRACTION) + mean_fp
         streams = entropy.finish(encoder, escaped)

@@ -33,6 +33,13 @@ LAMBDAS_MSSSIM = (2.40, 4.58, 8.73, 16.64, 31.73, 60.50, 115.37, 220.00)
 QUALITIES = len(LAMBDAS_MSE)
 
 
+def ladder(config: dict) -> tuple[float, ...]:
+    """The λ of every quality level a model was trained for (its own ladder, else its metric's)."""
+    if config.get("lambdas"):
+        return tuple(config["lambdas"])
+    return LAMBDAS_MSSSIM if config.get("metric") == "ms-ssim" else LAMBDAS_MSE
+
+
 def is_ladder(values) -> bool:
     """Whether `values` can be a quality ladder: one finite positive λ per level, increasing."""
     return (len(values) == QUALITIES and all(math.isfinite(v) and v > 0 for v in values)

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from . import rounding
 from .density import gaussian_likelihood
 from .frozen import Z_LIMIT
 from .intnet import ACT_FRACTION
-from .models import LAMBDAS_MSE, LAMBDAS_MSSSIM
+from .models import ladder
 
 # Adam on y in quantization-bin units, decaying linearly to 0. With 40 steps 0.06 lowered the coded
 # R + λ·D more than 0.02 at every quality measured, and more than 0.04 at all but q1, where the two
@@ -34,13 +35,6 @@ from .models import LAMBDAS_MSE, LAMBDAS_MSSSIM
 LEARNING_RATE = 6e-2
 START_TEMPERATURE = 0.5  # Yang et al.'s upper bound on τ
 MS_SSIM_MIN_SIDE = 161  # pytorch_msssim's five scales need this many pixels per side
-
-
-def ladder(config: dict) -> tuple[float, ...]:
-    """The λ of every quality level a model was trained for (its own ladder, else its metric's)."""
-    if config.get("lambdas"):
-        return tuple(config["lambdas"])
-    return LAMBDAS_MSSSIM if config.get("metric") == "ms-ssim" else LAMBDAS_MSE
 
 
 def refine(frozen, pixels: np.ndarray, y_base: np.ndarray, quality: int, steps: int, config: dict,
@@ -101,12 +95,30 @@ def refine(frozen, pixels: np.ndarray, y_base: np.ndarray, quality: int, steps: 
             (grad,) = torch.autograd.grad(loss, [y])
             y.grad = grad
             optimizer.step()
+    # The candidates, hard-rounded as they would be coded: the analysis' latent as a plain encode
+    # codes it (rate-aware rounding for MSE models, nicd.codec.rounding), the search's result rounded
+    # to the nearest symbols, and rounded rate-aware too. A short search may lose to the first.
+    weight = rounding.weight_for(config, quality)
     with torch.no_grad():
-        hard = [torch.round(v - mean) + mean for v in (start, y.detach())]
-        costs = [float(cost(v)) for v in hard]
-    if not costs[1] < costs[0] or not math.isfinite(costs[1]):
+        candidates = [_round(start, mean, scale, weight), _round(y.detach(), mean, scale, None)]
+        if weight is not None:
+            candidates.append(_round(y.detach(), mean, scale, weight))
+        costs = [float(cost(v)) for v in candidates]
+    best = min(range(len(costs)), key=lambda i: costs[i] if math.isfinite(costs[i]) else math.inf)
+    if best == 0 or not math.isfinite(costs[best]):
         return y_base, None
-    return y.detach()[0].double().cpu().numpy() / gain, z_int.astype(np.float64)
+    # On the lattice μ + k, so that the encoder's rounding gives back exactly these symbols.
+    return candidates[best][0].double().cpu().numpy() / gain, z_int.astype(np.float64)
+
+
+def _round(y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, weight: float | None) -> torch.Tensor:
+    """y's symbols as the encoder would choose them (nearest, or rate-aware with `weight`), back on
+    the lattice μ + k."""
+    if weight is None:
+        return torch.round(y - mean) + mean
+    r = (y - mean).double().cpu().numpy()
+    k = rounding.rate_aware_round(r, scale.double().cpu().numpy(), weight)
+    return torch.from_numpy(k).to(y) + mean
 
 
 def _bfloat16_is_fast(device: torch.device) -> bool:
