@@ -286,7 +286,24 @@ def test_a_change_of_patch_size_on_resumption_is_recorded_in_the_card(small_trai
     assert card["kodak"]["refined"]["refine_steps"] == 40 and card["kodak"]["refined"]["bd_rate_vs_jpeg"] == -0.3
     assert "nicd-refine" not in card["kodak"]["baselines"]
     text = info.path.with_suffix(".md").read_text()
-    assert "`nicd encode --refine-steps 40`" in text and "| 1 | 0.280 | 28.20 | -30.0 % |" in text
+    assert "`nicd encode --refine-steps 40`), same run" in text and "| 1 | 0.280 | 28.20 | -30.0 % |" in text
+    # a plain rerun keeps those refined figures, marked as the earlier run's; a refined rerun replaces them
+    del summary["codecs"]["nicd-refine"]
+    summary.update(refine_steps=0)
+    write_card(info.path, summary, "nicd bench")
+    card = json.loads(info.path.with_suffix(".json").read_text())
+    assert card["kodak"]["command"] == "nicd bench" and card["kodak"]["refined"]["bd_rate_vs_jpeg"] == -0.3
+    assert card["kodak"]["refined"]["earlier_run"] and card["kodak"]["refined"]["command"] == "nicd bench --refine-steps 40"
+    text = info.path.with_suffix(".md").read_text()
+    assert "`nicd encode --refine-steps 40`), measured by an earlier run (`nicd bench --refine-steps 40`)" in text
+    assert "| 1 | 0.280 | 28.20 | -30.0 % |" in text
+    summary.update(refine_steps=8)
+    summary["codecs"]["nicd-refine"] = {**summary["codecs"]["nicd"], "curve": [{"bpp": 0.27, "psnr": 28.3}],
+                                        "rate_vs_jpeg": [-0.32], "bd_rate_vs_jpeg": -0.32}
+    write_card(info.path, summary, "nicd bench --refine-steps 8")
+    card = json.loads(info.path.with_suffix(".json").read_text())
+    assert card["kodak"]["refined"]["refine_steps"] == 8 and "earlier_run" not in card["kodak"]["refined"]
+    assert "--refine-steps 8`), same run" in info.path.with_suffix(".md").read_text()
 
     # A checkpoint written before the record existed: its saved setting is taken as the one from step 0.
     ckpt_path = tmp_path / "run" / "checkpoint.pt"
